@@ -1,0 +1,53 @@
+"""Rotary position embeddings and multi-query / grouped-query / multi-head attention.
+
+Shape legend:
+    B batch, T time, D model dim, H query heads, G key/value heads (n_kv_heads), Dh head dim
+
+With G = 1 (multi-query, the default) keys and values are computed for one head only; a KV
+cache keeps only those, H times smaller than multi-head attention's. They are shared by all
+query heads inside `scaled_dot_product_attention(enable_gqa=True)` and never copied H times.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+def rope_tables(positions_T: Tensor, head_dim: int, theta: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (T, Dh), in fp32, laid out as Mixtral/Llama's `rotate_half` expects.
+
+    `scale` > 1 is position interpolation: positions are divided by it, so a model trained at
+    context L sees positions of a context L * scale inside the range it was trained on.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_T.device).float() / head_dim)
+    angles_TDh = torch.outer(positions_T.float() / scale, inv_freq).repeat(1, 2)  # (T, Dh)
+    return angles_TDh.cos(), angles_TDh.sin()
+
+
+def apply_rope(x_BHTDh: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
+    first, second = x_BHTDh.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x_BHTDh * cos_TDh.to(x_BHTDh.dtype) + rotated * sin_TDh.to(x_BHTDh.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
+        q = rearrange(self.wq(x_BTD), "b t (h d) -> b h t d", h=self.n_heads)
+        k = rearrange(self.wk(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
+        v = rearrange(self.wv(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
+        q, k = apply_rope(q, cos_TDh, sin_TDh), apply_rope(k, cos_TDh, sin_TDh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(rearrange(y, "b h t d -> b t (h d)"))

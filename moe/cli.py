@@ -1,0 +1,101 @@
+"""Shared command-line plumbing: config flags, dotted overrides, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig, load_config
+from .model import MoETransformer
+
+SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> None:
+    parser.add_argument("--config", default=default,
+                        help=f"a TOML file or a preset in configs/ (default: {default})")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
+    parser.epilog = ((parser.epilog or "") + " Any config field can be overridden with "
+                     "--SECTION.KEY=VALUE, e.g. --model.n_layers=2 --model.dispatch=capacity.").strip()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Parse flags; `--section.key=value` (or `--section.key value`) become config overrides."""
+    args, rest = parser.parse_known_args(argv)
+    overrides, unknown = [], []
+    items = iter(rest)
+    for item in items:
+        key = item.removeprefix("--").split("=", 1)[0]
+        if item.startswith("--") and key.split(".", 1)[0] in SECTIONS and "." in key:
+            overrides.append(item if "=" in item else f"{item}={next(items, '')}")
+        else:
+            unknown.append(item)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, load_config(args.config, [o.removeprefix("--") for o in overrides])
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run `main`, turning expected failures into one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        sys.exit(main(argv) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec) per column."""
+    header = [h for _, h, _ in columns]
+    body = [[format(row[k], spec) for k, _, spec in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in body:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    """One line: size, active size and FLOPs per token, from shapes only (built on `meta`)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    counts = model.param_counts()
+    return (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
+            f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, "
+            f"top-{cfg.top_k} of {cfg.n_experts} experts), "
+            f"{model.flops_per_token() / 1e9:,.2f} GFLOP per token forward at context {cfg.max_seq_len}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.1f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type for --device: cpu, cuda or cuda:N, checked against this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (expected cpu, cuda or cuda:N)")
+    return device

@@ -1,0 +1,189 @@
+"""Configuration: one dataclass per concern, TOML presets, type-checked dotted overrides.
+
+A config file has one table per section (`[model]`, later `[train]`, `[data]`, ...). Command
+lines override any field with `--model.n_layers=4`. Values are parsed as TOML literals and
+checked against the dataclass field types; nothing is ever exec'd or eval'd. Every problem is
+a `ConfigError` whose one-line message names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+import types
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message is one line."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The transformer's shape. Defaults are the `small` preset (the CPU default)."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 1  # 1: multi-query; n_heads: multi-head; in between: grouped-query
+    max_seq_len: int = 256
+    # Mixture of experts. n_experts=1, top_k=1 is a dense model.
+    n_experts: int = 16
+    top_k: int = 2
+    d_ff: int = 512  # hidden size of each expert (and of the dense FFN in non-MoE layers)
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0; 1 = every layer
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25  # used by dispatch = "capacity"
+    expert_impl: Literal["auto", "grouped_mm", "split", "loop"] = "auto"
+    router_jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) in training (Switch)
+    aux_loss_coef: float = 0.01  # load-balancing loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight
+    # Positions, norms, embeddings (Mixtral's conventions, so checkpoints export exactly).
+    rope_theta: float = 10000.0
+    rope_scale: float = 1.0  # position interpolation: positions are divided by this
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "max_seq_len", "n_experts", "top_k", "d_ff", "moe_every"):
+            value = getattr(self, name)
+            _require(value > 0, f"model.{name}={value}: must be a positive integer")
+        for name in ("capacity_factor", "rope_theta", "rope_scale", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"model.{name}={value}: must be > 0")
+        for name in ("router_jitter", "aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"model.{name}={value}: must be >= 0")
+        _require(self.router_jitter < 1, f"model.router_jitter={self.router_jitter}: must be < 1")
+        _require(self.d_model % self.n_heads == 0,
+                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        _require(self.n_heads % self.n_kv_heads == 0,
+                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        _require(self.head_dim % 2 == 0,
+                 f"model.d_model / model.n_heads = {self.head_dim}: rotary embeddings need an even head dim")
+        _require(self.top_k <= self.n_experts,
+                 f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (layer + 1) % self.moe_every == 0
+
+
+@dataclass
+class Config:
+    """Everything a run needs, one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML preset (a path, or a name in `configs/`) and apply `section.key=value` overrides.
+
+    >>> load_config("tiny", ["model.n_layers=3"]).model.n_layers
+    3
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        file = resolve_config_path(path)
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    try:
+        return _build(Config, raw, prefix="")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`tiny` or `tiny.toml` means `configs/tiny.toml`; anything else is a file path."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    preset = CONFIG_DIR / (candidate.name if candidate.suffix == ".toml" else f"{candidate.name}.toml")
+    if candidate.parent == Path(".") and preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"config {str(path)!r} not found (a TOML file, or a preset: {presets})")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`model.n_layers=4` -> ("model.n_layers", 4). The value is a TOML literal, else a string."""
+    key, sep, text = item.removeprefix("--").partition("=")
+    _require(bool(sep) and bool(key), f"override {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words such as `capacity` are strings
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        _require(isinstance(node, dict), f"{key}: {section} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, checking every key and type on the way."""
+    _require(isinstance(raw, dict), f"{prefix.rstrip('.') or 'config'}: expected a table, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    kwargs = {}
+    for key, value in raw.items():
+        typ = hints[key]
+        if is_dataclass(typ):
+            kwargs[key] = _build(typ, value, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, typ)
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, typ: Any) -> Any:
+    origin = get_origin(typ)
+    if origin is Literal:
+        choices = get_args(typ)
+        _require(value in choices, f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is types.UnionType:  # `int | None` and the like
+        for option in get_args(typ):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {typ}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    _require(ok, f"{key}={value!r}: expected {typ.__name__}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,159 @@
+"""The decoder-only MoE transformer, readable top-down.
+
+Shape legend: B batch, T time, D model dim, V vocabulary, E experts, K experts per token.
+
+Architecture (exactly Mixtral's, so checkpoints export to transformers and match its logits):
+token embedding -> n_layers x [x + attn(rmsnorm(x)); x + ffn(rmsnorm(x))] -> rmsnorm -> lm_head,
+where ffn is a top-k mixture of SwiGLU experts on MoE layers and one SwiGLU elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention, rope_tables
+from .config import ModelConfig
+from .experts import MoE, MoEOutput, RouterStats, SwiGLU
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None  # ce_loss + aux_loss_coef * balance_loss + z_loss_coef * z_loss
+    ce_loss: Tensor | None
+    balance_loss: Tensor  # mean over MoE layers; 1.0 when perfectly balanced
+    z_loss: Tensor  # mean over MoE layers
+    router_stats: list[RouterStats]  # one per MoE layer, in layer order
+
+
+class ParamCounts(NamedTuple):
+    embedding: int  # token embedding, plus the output head when untied
+    attention: int
+    experts: int  # all experts of all MoE layers
+    dense_ffn: int  # FFNs of non-MoE layers
+    router: int
+    norm: int
+    total: int
+    active: int  # used by one token: experts count k / E
+
+
+class RMSNorm(nn.Module):
+    """`weight * x / rms(x)`, computed in fp32 whatever the input dtype (as Mixtral does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEOutput | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoE):
+            moe = self.ffn(h_BTD)
+            return x_BTD + moe.y, moe
+        return x_BTD + self.ffn(h_BTD), None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std); projections into the residual stream scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, self.cfg.init_std)
+
+    def forward(self, tokens_BT: Tensor, targets_BT: Tensor | None = None) -> ModelOutput:
+        """Logits for every position; with targets (-100 = ignore), the loss and its parts."""
+        B, T = tokens_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        positions_T = torch.arange(T, device=tokens_BT.device)
+        cos, sin = rope_tables(positions_T, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
+
+        x_BTD = self.tok_emb(tokens_BT)
+        moe_outputs: list[MoEOutput] = []
+        for block in self.blocks:
+            x_BTD, moe = block(x_BTD, cos, sin)
+            if moe is not None:
+                moe_outputs.append(moe)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+
+        zero = logits_BTV.new_zeros((), dtype=torch.float32)
+        balance = torch.stack([m.balance_loss for m in moe_outputs]).mean() if moe_outputs else zero
+        z_loss = torch.stack([m.z_loss for m in moe_outputs]).mean() if moe_outputs else zero
+        stats = [m.stats for m in moe_outputs]
+        if targets_BT is None:
+            return ModelOutput(logits_BTV, None, None, balance, z_loss, stats)
+        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        loss = ce + self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z_loss
+        return ModelOutput(logits_BTV, loss, ce, balance, z_loss, stats)
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def param_counts(self) -> ParamCounts:
+        """Parameters by kind (works on the `meta` device: only shapes are read)."""
+        counts = dict.fromkeys(("embedding", "attention", "experts", "dense_ffn", "router", "norm"), 0)
+        for name, p in self.named_parameters():  # tied weights are listed once
+            if name.startswith(("tok_emb", "lm_head")):
+                kind = "embedding"
+            elif ".attn." in name:
+                kind = "attention"
+            elif ".experts." in name:
+                kind = "experts"
+            elif ".router." in name:
+                kind = "router"
+            elif "norm" in name:
+                kind = "norm"
+            else:
+                kind = "dense_ffn"
+            counts[kind] += p.numel()
+        total = sum(counts.values())
+        active = total - counts["experts"] * (self.cfg.n_experts - self.cfg.top_k) // self.cfg.n_experts
+        return ParamCounts(**counts, total=total, active=active)
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> int:
+        """Matmul FLOPs per token (PaLM appendix B, as nanoGPT and torchtitan count them).
+
+        Forward: 2 per active matmul weight (experts count k / E; the output head always counts,
+        the embedding lookup never) plus 4 * n_layers * n_heads * head_dim * seq_len for
+        attention scores and values. Training (forward + backward) is 3x that.
+        """
+        cfg, counts = self.cfg, self.param_counts()
+        seq_len = seq_len or cfg.max_seq_len
+        head = cfg.vocab_size * cfg.d_model
+        matmul = counts.active - counts.norm - counts.embedding + head
+        forward = 2 * matmul + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        return 3 * forward if training else forward

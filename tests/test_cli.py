@@ -1,0 +1,55 @@
+"""The entry points: thin scripts, clear one-line errors, JSON results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_moe_layer_writes_json_with_the_ratio_to_floor(tmp_path):
+    out = tmp_path / "layer.json"
+    proc = run("bench.py", "moe-layer", "--config", "tiny", "--tokens", "128", "--iters", "1",
+               "--impls", "auto,loop", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["ratio_to_floor"] > 0 and result["impl"] == "split"
+    assert [r["name"] for r in result["rows"]] == ["moe[auto]", "moe[loop]", "floor"]
+    assert "ratio_to_floor" in proc.stdout
+
+
+def test_bench_train_step_reports_tokens_per_second(tmp_path):
+    out = tmp_path / "step.json"
+    proc = run("bench.py", "train-step", "--config", "tiny", "--batch-size", "2", "--seq-len", "16",
+               "--iters", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_placeholder_scripts_say_so_and_validate_their_config(script):
+    proc = run(script, "--config", "tiny")
+    assert proc.returncode == 1
+    assert "not available in this version yet" in proc.stderr and "Traceback" not in proc.stderr
+    assert "M parameters" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--model.n_layer=3"], "unknown key model.n_layer; did you mean model.n_layers?"),
+    (["train.py", "--model.n_layers", "x"], "model.n_layers='x': expected int"),
+    (["generate.py", "--config", "missing.toml"], "config 'missing.toml' not found"),
+    (["bench.py", "moe-layer", "--device", "tpu"], "unknown device 'tpu'"),
+    (["bench.py", "moe-layer", "--impls", "fast"], "unknown implementation 'fast'"),
+    (["bench.py", "moe-layer", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_input_is_one_clear_line_without_traceback(args, message):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
