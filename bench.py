@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("moe-layer", help="one MoE layer, forward+backward, against its dense compute floor")
     p.add_argument("--tokens", type=int, default=2048, help="tokens through the layer (default 2048)")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per round, 3 rounds (default 10)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls of each contender, taking turns (default 30)")
     p.add_argument("--impls", type=impl_list, default="auto,grouped_mm,loop",
                    help="comma-separated expert implementations to time (auto, grouped_mm, split, loop); "
                         "the first is the one reported as ratio_to_floor (default: auto,grouped_mm,loop)")

@@ -1,8 +1,8 @@
 """Micro-benchmarks behind `bench.py`: each returns a dict of plain numbers (JSON-ready).
 
-Timings are medians over many iterations, and the things compared are measured in
-interleaved rounds so that a slow patch of the machine (frequency, a neighbour) hits all
-of them alike instead of skewing one.
+Timings are medians over many iterations, and the things compared take turns call by call,
+so that a slow patch of the machine (frequency, a neighbour) hits all of them alike instead
+of skewing one.
 """
 
 from __future__ import annotations
@@ -24,23 +24,27 @@ def sync(device: torch.device) -> None:
 
 
 def median_times(fns: dict[str, Callable[[], object]], device: torch.device, iters: int,
-                 rounds: int = 3, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, measured in `rounds` interleaved rounds."""
+                 warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns call by call.
+
+    Round-robin rather than one block per function: a slow patch of a shared machine then
+    lands on every contender alike, which keeps ratios stable where absolute times are not.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for _ in range(iters):
         for name, fn in fns.items():
-            for _ in range(warmup):
-                fn()
-            for _ in range(iters):
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                samples[name].append(time.perf_counter() - start)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 10, device: torch.device | str = "cpu",
+def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: torch.device | str = "cpu",
               impls: tuple[str, ...] = ("auto", "split", "loop"), seed: int = 0) -> dict:
     """One MoE layer, forward + backward, against its compute floor.
 
@@ -115,7 +119,7 @@ def train_step(cfg: ModelConfig, batch_size: int = 8, seq_len: int | None = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = median_times({"step": step}, dev, iters, rounds=1, warmup=3)["step"]
+    seconds = median_times({"step": step}, dev, iters, warmup=3)["step"]
     n_tokens = batch_size * seq_len
     flops = model.flops_per_token(seq_len, training=True) * n_tokens
     return {
@@ -138,5 +142,5 @@ def matmul_peak(device: torch.device | str = "cpu", n: int = 2048, iters: int = 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    seconds = median_times({"mm": lambda: a @ b}, dev, iters, rounds=1)["mm"]
+    seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
     return 2 * n**3 / seconds

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main`, turning expected failures into one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    keep_freed_memory()
     try:
         sys.exit(main(argv) or 0)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
@@ -55,6 +58,26 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel.
+
+    Each training step frees and re-allocates the same large activations (the logits alone are
+    B x T x V floats). With glibc's defaults big blocks go back to the kernel at once, and every
+    re-allocation page-faults freshly zeroed pages: measured on the `small` model, cross-entropy
+    ran 3x slower and a whole training step 15 % slower. As jemalloc or tcmalloc would, keep the
+    memory (no mmap for large blocks, trim only above 1 GiB free). Returns False where glibc is
+    not the allocator; MOE_KEEP_FREED_MEMORY=0 turns it off.
+    """
+    if os.environ.get("MOE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_MAX, 0))
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
