@@ -64,12 +64,14 @@ class Experts(nn.Module):
     Expert e's weights are Mixtral's `experts.e.w1.weight` etc., transposed (`w1[e] = W1.T`).
     """
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, impl: str = "auto"):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, impl: str = "auto", init_std: float = 0.02):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.impl = impl
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, std=init_std)
 
     def forward(self, x_AD: Tensor, gates_A: Tensor, counts_E: Tensor) -> Tensor:
         """`gate * expert(x)` for each row; rows are grouped by expert, `counts_E[e]` for expert e."""
@@ -184,7 +186,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.expert_impl)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.expert_impl, cfg.init_std)
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor if cfg.dispatch == "capacity" else None
         self.jitter = cfg.router_jitter

@@ -95,15 +95,16 @@ class MoETransformer(nn.Module):
             else:
                 p.normal_(0.0, self.cfg.init_std)
 
-    def forward(self, tokens_BT: Tensor, targets_BT: Tensor | None = None) -> ModelOutput:
-        """Logits for every position; with targets (-100 = ignore), the loss and its parts."""
-        B, T = tokens_BT.shape
+    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        """Logits for every position of `tokens` (B, T); with `targets` (B, T; -100 = ignore),
+        the loss and its parts."""
+        B, T = tokens.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        positions_T = torch.arange(T, device=tokens_BT.device)
+        positions_T = torch.arange(T, device=tokens.device)
         cos, sin = rope_tables(positions_T, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
 
-        x_BTD = self.tok_emb(tokens_BT)
+        x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
         for block in self.blocks:
             x_BTD, moe = block(x_BTD, cos, sin)
@@ -115,9 +116,9 @@ class MoETransformer(nn.Module):
         balance = torch.stack([m.balance_loss for m in moe_outputs]).mean() if moe_outputs else zero
         z_loss = torch.stack([m.z_loss for m in moe_outputs]).mean() if moe_outputs else zero
         stats = [m.stats for m in moe_outputs]
-        if targets_BT is None:
+        if targets is None:
             return ModelOutput(logits_BTV, None, None, balance, z_loss, stats)
-        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss = ce + self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z_loss
         return ModelOutput(logits_BTV, loss, ce, balance, z_loss, stats)
 

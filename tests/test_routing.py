@@ -117,8 +117,13 @@ def moe_layer(**overrides) -> MoE:
 
 
 def fixed_router(layer: MoE, logits_TE: torch.Tensor) -> None:
-    """Swap in fixed router logits, keeping the router weight in the graph for its gradient."""
-    layer.router_logits = lambda x: logits_TE + 0.0 * F.linear(x, layer.router.weight)
+    """Swap in fixed router logits whose gradient still reaches the router weight and the input."""
+
+    def router_logits(x):
+        learned = F.linear(x, layer.router.weight)
+        return logits_TE + (learned - learned.detach())  # value: fixed; gradient: the router's
+
+    layer.router_logits = router_logits
 
 
 def grads_of(layer: MoE, x: torch.Tensor, impl: str):
@@ -146,8 +151,10 @@ def test_fast_dispatch_equals_the_reference_loop_in_outputs_and_gradients(impl, 
     assert fast.stats.tokens_per_expert[[2, 5]].tolist() == [0, 0]
     for g_fast, g_ref in zip(fast_grads, ref_grads):
         torch.testing.assert_close(g_fast, g_ref)
-    w1_grad = fast_grads[2]
-    assert w1_grad[[2, 5]].abs().sum() == 0 and w1_grad[0].abs().sum() > 0
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    grads = dict(zip(names, fast_grads))
+    assert grads["experts.w1"][[2, 5]].abs().sum() == 0 and grads["experts.w1"][0].abs().sum() > 0
+    assert grads["router.weight"].abs().sum() > 0  # the gates' gradient reached the router
 
 
 def test_fast_dispatch_equals_reference_with_a_learned_router():
