@@ -96,6 +96,20 @@ def write_json(path: str | None, result: dict) -> None:
         print(f"wrote {path}")
 
 
+def placeholder_main(doc: str, feature: str) -> Callable[[Sequence[str] | None], int]:
+    """`main` for an entry point whose feature is not in this version: validate, describe, exit 1."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_args(parser)
+        _, config = parse_args(parser, argv)
+        print(describe_model(config.model))
+        print(f"{parser.prog}: {feature} is not available in this version yet", file=sys.stderr)
+        return 1
+
+    return main
+
+
 def describe_model(cfg: ModelConfig) -> str:
     """One line: size, active size and FLOPs per token, from shapes only (built on `meta`)."""
     with torch.device("meta"):
@@ -104,11 +118,11 @@ def describe_model(cfg: ModelConfig) -> str:
     return (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
             f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, "
             f"top-{cfg.top_k} of {cfg.n_experts} experts), "
-            f"{model.flops_per_token() / 1e9:,.2f} GFLOP per token forward at context {cfg.max_seq_len}")
+            f"{_count(model.flops_per_token(), 'G', 'M')}FLOP per token forward at context {cfg.max_seq_len}")
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:,.1f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M"
+def _count(n: int, billion: str = "B", million: str = "M") -> str:
+    return f"{n / 1e9:,.1f} {billion}" if n >= 1e9 else f"{n / 1e6:,.2f} {million}"
 
 
 def device_arg(text: str) -> torch.device:

@@ -176,7 +176,7 @@ def moe_reference(x_TD: Tensor, routing: Routing, experts: Experts, capacity: in
             slot, token = slot[:capacity], token[:capacity]
         x = x_TD[token]
         out = (F.silu(x @ experts.w1[e]) * (x @ experts.w3[e])) @ experts.w2[e]
-        y_TD = y_TD.index_add(0, token, out * routing.gates_TK[token, slot, None].to(out.dtype))
+        y_TD = y_TD.index_add(0, token, (out * routing.gates_TK[token, slot, None]).to(y_TD.dtype))
     return y_TD
 
 
