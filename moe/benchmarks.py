@@ -45,7 +45,7 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, ite
 
 
 def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: torch.device | str = "cpu",
-              impls: tuple[str, ...] = ("auto", "split", "loop"), seed: int = 0) -> dict:
+              impls: tuple[str, ...] = ("auto", "grouped_mm", "loop"), seed: int = 0) -> dict:
     """One MoE layer, forward + backward, against its compute floor.
 
     The floor is the same matmul work at dense efficiency: top-k routing sends k * T token

@@ -92,6 +92,8 @@ class Experts(nn.Module):
 
         On a CPU `grouped_mm` is a loop of matmuls too, and the fused split loop beats it.
         """
+        if self.impl == "grouped_mm" and _grouped_mm is None:
+            raise ValueError(f"expert_impl='grouped_mm': this PyTorch ({torch.__version__}) has no grouped_mm")
         if self.impl != "auto":
             return self.impl
         on_ampere = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8
