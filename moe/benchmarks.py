@@ -140,7 +140,8 @@ def matmul_peak(device: torch.device | str = "cpu", n: int = 2048, iters: int = 
     """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
     return 2 * n**3 / seconds

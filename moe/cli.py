@@ -29,19 +29,25 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> 
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    """Parse flags; `--section.key=value` (or `--section.key value`) become config overrides."""
+    """Parse flags and load `--config` with the `--section.key=value` overrides applied."""
+    args, overrides = split_overrides(parser, argv)
+    return args, load_config(args.config, overrides)
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse flags; `--section.key=value` (or `--section.key value`) come back as `section.key=value`."""
     args, rest = parser.parse_known_args(argv)
     overrides, unknown = [], []
     items = iter(rest)
     for item in items:
         key = item.removeprefix("--").split("=", 1)[0]
         if item.startswith("--") and key.split(".", 1)[0] in SECTIONS and "." in key:
-            overrides.append(item if "=" in item else f"{item}={next(items, '')}")
+            overrides.append(item.removeprefix("--") if "=" in item else f"{key}={next(items, '')}")
         else:
             unknown.append(item)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, load_config(args.config, [o.removeprefix("--") for o in overrides])
+    return args, overrides
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:

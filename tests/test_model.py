@@ -96,10 +96,22 @@ def test_moe_every_interleaves_dense_and_moe_layers(tiny):
     assert len(model(tokens(tiny), tokens(tiny)).router_stats) == 2
 
 
-def test_one_expert_top_one_model_counts_as_dense(tiny):
+def test_one_expert_top_one_model_is_dense(tiny):
     model = MoETransformer(replace(tiny, n_experts=1, top_k=1))
+    assert all(isinstance(b.ffn, SwiGLU) for b in model.blocks)
     counts = model.param_counts()
-    assert counts.active == counts.total
+    assert counts.active == counts.total and counts.router == 0
+    out = model(tokens(tiny), tokens(tiny))
+    assert out.router_stats == [] and out.balance_loss == 0 and out.loss == out.ce_loss
+
+
+def test_dense_small_matches_small_in_active_parameters_and_flops():
+    with torch.device("meta"):
+        moe = MoETransformer(load_config("small").model)
+        dense = MoETransformer(load_config("dense_small").model)
+    router = moe.param_counts().router
+    assert dense.param_counts().active == moe.param_counts().active - router
+    assert dense.flops_per_token() == moe.flops_per_token() - 2 * router
 
 
 def test_tied_embeddings_share_one_weight(tiny):

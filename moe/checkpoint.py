@@ -1,0 +1,157 @@
+"""Checkpoints: self-contained folders, written atomically, verified before use.
+
+    RUN_DIR/checkpoints/step-0000250/
+        model.safetensors   weights (safetensors: loading runs no code)
+        trainer.pt          step, token and sequence counters, optimizer state, RNG state
+                            (tensors and plain containers only: loaded with weights_only=True)
+        config.json         the resolved config of the run
+        tokenizer.json
+        manifest.json       size and sha256 of every file above, written last
+
+A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed into
+place in one step, so a crash at any moment leaves either the whole new checkpoint or none of
+it. Readers take the newest checkpoint whose files match its manifest and skip any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from .config import Config, ConfigError, config_from_dict
+from .tokenizer import load_tokenizer
+
+FILES = ("model.safetensors", "trainer.pt", "config.json", "tokenizer.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt; the message is one line."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict,
+                    config: Config, tokenizer: Tokenizer, keep: int) -> Path:
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str())
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name in (*FILES, "manifest.json"):
+            _fsync(tmp / name)
+        if final.exists():  # a step saved again after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = checkpoint_dir(run_dir)
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable manifest.json"
+    for name in FILES:
+        path, expected = folder / name, manifest.get(name)
+        if expected is None or not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint that verifies; broken ones are reported and skipped."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warn(f"skipping checkpoint {folder}: {problem}")
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder meaning its newest good checkpoint."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no usable checkpoint in {checkpoint_dir(path)}")
+    return found
+
+
+def load_config_from(folder: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    try:
+        return config_from_dict(json.loads((folder / "config.json").read_text()), overrides)
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+
+
+def load_weights(folder: Path, model: torch.nn.Module) -> None:
+    try:
+        load_model(model, str(folder / "model.safetensors"), strict=True)
+    except RuntimeError as e:  # shape or key mismatch, reported by torch on several lines
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{folder}: weights do not fit this model ({' '.join(l.strip() for l in first[:3])})") from None
+
+
+def load_trainer_state(folder: Path) -> dict:
+    return torch.load(folder / "trainer.pt", weights_only=True)
+
+
+def load_checkpoint_tokenizer(folder: Path) -> Tokenizer:
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""The training loop, the same on CPU and CUDA.
+
+AdamW with warmup + cosine, gradient clipping and accumulation, a batch size that ramps up
+with the tokens seen, bf16 autocast on CUDA (fp32 on CPU), periodic evaluation and atomic
+checkpoints. Every quantity that decides a step (learning rate, batch size, which sequences)
+is a function of the step and counters stored in the checkpoint, and the data is sampled
+statelessly, so a resumed run continues bit for bit where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .benchmarks import matmul_peak
+from .config import Config, TrainConfig
+from .data import prepare_data
+from .model import MoETransformer
+from .sampling import generate_simple
+from .tokenizer import EOT
+
+
+@dataclass
+class RunOptions:
+    """What the command line decides beyond the config."""
+
+    out: Path
+    device: torch.device
+    resume_from: Path | None = None  # a checkpoint folder: continue that run exactly
+    init_from: Path | None = None  # a checkpoint folder: start a new run from its weights
+    compile: bool = False
+    peak_flops: float | None = None  # FLOP/s for MFU; measured by a matmul probe when None
+    quiet: bool = False
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then a cosine down to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def batch_size_at(tokens_seen: int, cfg: TrainConfig) -> int:
+    """Sequences per step: from batch_size_start up to batch_size, linearly over ramp_tokens."""
+    if cfg.ramp_tokens == 0 or tokens_seen >= cfg.ramp_tokens:
+        return cfg.batch_size
+    grown = (cfg.batch_size - cfg.batch_size_start) * tokens_seen / cfg.ramp_tokens
+    return cfg.batch_size_start + int(grown)
+
+
+class Trainer:
+    def __init__(self, config: Config, options: RunOptions):
+        self.config, self.options = config, options
+        self.cfg, mcfg = config.train, config.model
+        self.device = options.device
+        self.out = Path(options.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        source = options.resume_from or options.init_from
+        tokenizer = ckpt.load_checkpoint_tokenizer(source) if source else None
+        self.tokenizer, self.data = prepare_data(config.data, mcfg.vocab_size, self.cfg.seed, tokenizer)
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = MoETransformer(mcfg)
+        if source:
+            ckpt.load_weights(source, self.model)
+        self.model.to(self.device)
+        self.forward = torch.compile(self.model) if options.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.step = self.tokens_seen = self.sequences_drawn = 0
+        self.tokens_trained_here = 0  # this process's share, for its throughput
+        if options.resume_from:
+            state = ckpt.load_trainer_state(options.resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            self.step, self.tokens_seen, self.sequences_drawn = state["step"], state["tokens_seen"], state["sequences_drawn"]
+        self.seq_len = mcfg.max_seq_len
+        self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True)
+        self.peak_flops = options.peak_flops or matmul_peak(self.device)
+        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices and expert stacks
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        try:
+            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, fused=True)
+        except RuntimeError:  # no fused kernel for this device or PyTorch
+            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.options.quiet, mininterval=1 if sys.stderr.isatty() else 30)
+        interval = {"time": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
+        loads = None
+        started, train_time, evaluation = time.perf_counter(), 0.0, {}
+        if self.step == 0:  # where a fresh or --init-from run starts: the "before" of fine-tuning
+            start = self.evaluate()
+            bar.write(f"step 0: val loss {start['val_loss']:.4f}, {start['val_bpb']:.3f} bits per byte")
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            elapsed = time.perf_counter() - t0
+            train_time += elapsed
+            interval["time"] += elapsed
+            interval["tokens"] += record["tokens"]
+            interval["loss"] += record["loss"]
+            interval["steps"] += 1
+            loads = record["expert_tokens"] if loads is None else [a + b for a, b in zip(loads, record["expert_tokens"])]
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                tokens_per_s = interval["tokens"] / interval["time"]
+                log = {
+                    "type": "train", "step": self.step, "loss": interval["loss"] / interval["steps"],
+                    "ce_loss": record["ce_loss"], "balance_loss": record["balance_loss"], "z_loss": record["z_loss"],
+                    "lr": record["lr"], "batch_size": record["batch_size"], "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
+                    **expert_load(loads, record["dropped"]),
+                }
+                self.write(log)
+                bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{log['mfu']:.0%}",
+                                refresh=False)
+                interval = {"time": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
+                loads = None
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                evaluation = self.evaluate()
+                bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
+                          f"{evaluation['val_bpb']:.3f} bits per byte")
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        if not evaluation:  # nothing left to train (a resume of a finished run)
+            evaluation = self.evaluate()
+        summary = {
+            "type": "summary", "steps": self.step, "tokens_seen": self.tokens_seen,
+            "wall_s": time.perf_counter() - started, **evaluation,
+            "tokens_per_s": self.tokens_trained_here / train_time if train_time else None,
+            "mfu": self.flops_per_token * self.tokens_trained_here / train_time / self.peak_flops if train_time else None,
+            "peak_flops": self.peak_flops, "run_dir": str(self.out),
+        }
+        self.write(summary)
+        return summary
+
+    def train_step(self) -> dict:
+        """One optimizer step over batch_size_at(tokens_seen) sequences, in micro-batches."""
+        cfg = self.cfg
+        n_seqs = batch_size_at(self.tokens_seen, cfg)
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = {"loss": 0.0, "ce_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
+        expert_tokens, dropped = None, None
+        for first in range(0, n_seqs, cfg.micro_batch_size):
+            n = min(cfg.micro_batch_size, n_seqs - first)
+            batch = self.data.batch(self.sequences_drawn + first, n, self.seq_len)
+            with self.autocast():
+                out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device))
+            (out.loss * (n / n_seqs)).backward()
+            for key in totals:
+                totals[key] += getattr(out, key).item() * n / n_seqs
+            counts = [s.tokens_per_expert for s in out.router_stats]
+            drops = [s.dropped for s in out.router_stats]
+            expert_tokens = counts if expert_tokens is None else [a + b for a, b in zip(expert_tokens, counts)]
+            dropped = drops if dropped is None else [a + b for a, b in zip(dropped, drops)]
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.sequences_drawn += n_seqs
+        self.tokens_seen += n_seqs * self.seq_len
+        self.tokens_trained_here += n_seqs * self.seq_len
+        return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len,
+                "expert_tokens": [c.cpu() for c in expert_tokens], "dropped": [int(d) for d in dropped]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss on fixed held-out sequences, and bits per byte (tokenizer-independent)."""
+        self.model.eval()
+        total, weight = 0.0, 0
+        for i in range(self.cfg.eval_batches):
+            n = self.cfg.micro_batch_size
+            batch = self.data.batch(i * n, n, self.seq_len, split="val")
+            with self.autocast():
+                out = self.model(batch.inputs.to(self.device), batch.targets.to(self.device))
+            counted = int((batch.targets != -100).sum())
+            total += out.ce_loss.item() * counted
+            weight += counted
+        self.model.train()
+        val_loss = total / weight
+        record = {"type": "eval", "step": self.step, "val_loss": val_loss,
+                  "val_bpb": val_loss / math.log(2) / self.data.bytes_per_token}
+        self.write(record)
+        return {"val_loss": record["val_loss"], "val_bpb": record["val_bpb"]}
+
+    def save(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
+                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        return ckpt.save_checkpoint(self.out, self.step, self.model, state, self.config, self.tokenizer,
+                                    self.cfg.keep_checkpoints)
+
+    def sample(self, max_new_tokens: int, prompt: str = "") -> str:
+        """Text generated from the model (from the start of a document when there is no prompt)."""
+        start = [self.tokenizer.token_to_id(EOT), *self.tokenizer.encode(prompt).ids]
+        tokens = torch.tensor([start], device=self.device)
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        self.model.eval()
+        with self.autocast():
+            tokens = generate_simple(self.model, tokens, max_new_tokens, generator=generator)
+        self.model.train()
+        return prompt + self.tokenizer.decode(tokens[0, len(start):].tolist())
+
+    def write(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+
+def expert_load(tokens_per_expert: list[torch.Tensor], dropped: list[int]) -> dict:
+    """Per MoE layer: each expert's share of the assignments, their coefficient of variation, drops."""
+    shares, cvs = [], []
+    for counts in tokens_per_expert:
+        counts = counts.double()
+        shares.append([round(x, 4) for x in (counts / counts.sum()).tolist()])
+        cvs.append(round((counts.std(correction=0) / counts.mean()).item(), 4))
+    return {"expert_share": shares, "expert_cv": cvs, "dropped": dropped}

@@ -1,0 +1,215 @@
+"""The trainer: schedules, data cache, loss masking, checkpoints, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import checkpoint as ckpt
+from moe import data as data_module
+from moe.config import DataConfig, TrainConfig, load_config
+from moe.data import InstructData, prepare_data
+from moe.tokenizer import ASSISTANT, EOT, USER
+from moe.trainer import RunOptions, Trainer, batch_size_at, lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_config(cache_dir, *overrides):
+    return load_config("tiny", [f"data.cache_dir={json.dumps(cache_dir)}", "data.sources={docs = 1}",
+                                "train.sample_tokens=0", *overrides])
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+
+
+def test_batch_size_ramps_linearly_with_tokens_seen():
+    cfg = TrainConfig(batch_size=16, batch_size_start=4, ramp_tokens=1200)
+    assert [batch_size_at(t, cfg) for t in (0, 100, 300, 600, 1199, 1200, 10**9)] == [4, 5, 7, 10, 15, 16, 16]
+    assert batch_size_at(0, TrainConfig(batch_size=16, batch_size_start=4, ramp_tokens=0)) == 16
+
+
+def test_tokenised_corpus_is_cached_and_reused(cache_dir, monkeypatch):
+    cfg = tiny_config(cache_dir)
+    tokenizer, first = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    cached = sorted(Path(cache_dir).rglob("*.npy")) + sorted(Path(cache_dir).rglob("bpe-*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+
+    def no_reading(*args):
+        raise AssertionError("the corpus was read again")
+
+    monkeypatch.setattr(data_module, "read_documents", no_reading)
+    tokenizer2, second = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    assert tokenizer2.to_str() == tokenizer.to_str()
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert torch.equal(first.batch(0, 4, 32).inputs, second.batch(0, 4, 32).inputs)
+
+
+def test_batches_are_packed_windows_with_shifted_targets(cache_dir):
+    cfg = tiny_config(cache_dir)
+    tokenizer, data = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    batch = data.batch(10, 4, 48)
+    assert batch.inputs.shape == batch.targets.shape == (4, 48)
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    assert torch.equal(data.batch(10, 4, 48).inputs, batch.inputs)  # stateless: same index, same data
+    assert not torch.equal(data.batch(14, 4, 48).inputs, batch.inputs)
+    assert (data.batch(0, 64, 48).inputs == tokenizer.token_to_id(EOT)).any()  # documents are separated
+    assert 2.0 < data.bytes_per_token < 8.0
+
+
+def test_instruction_loss_is_masked_to_the_response(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir)
+    tokenizer, _ = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    file = tmp_path / "chat.jsonl"
+    file.write_text('{"prompt": "add 2 and 3", "response": "5"}\n{"prompt": "hi", "response": "hello"}\n')
+    data = InstructData(file, tokenizer, val_fraction=0.1)
+    inputs, targets = data.example_tensors("add 2 and 3", "5", seq_len=32)
+    prompt_ids, response_ids = tokenizer.encode("add 2 and 3").ids, tokenizer.encode("5").ids
+    head = [tokenizer.token_to_id(USER), *prompt_ids, tokenizer.token_to_id(ASSISTANT)]
+    expected = [-100] * (len(head) - 1) + response_ids + [tokenizer.token_to_id(EOT)]
+    expected += [-100] * (32 - len(expected))
+    assert targets.tolist() == expected
+    assert inputs[: len(head)].tolist() == head
+
+
+def test_bad_instruction_file_is_a_clear_error(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir)
+    tokenizer, _ = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    file = tmp_path / "bad.jsonl"
+    file.write_text('{"prompt": "a", "response": "b"}\n{"question": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with \"prompt\" and \"response\""):
+        InstructData(file, tokenizer, val_fraction=0.1)
+
+
+def test_training_lowers_the_validation_loss(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=40", "train.eval_every=40", "train.ckpt_every=40")
+    trainer = Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True))
+    before = trainer.evaluate()["val_loss"]
+    summary = trainer.train()
+    assert summary["val_loss"] < before - 0.5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if r["type"] == "train"]
+    assert train_logs[-1]["step"] == 40 and 0 < train_logs[-1]["mfu"]
+    assert len(train_logs[-1]["expert_share"]) == cfg.model.n_layers
+    assert sum(train_logs[-1]["expert_share"][0]) == pytest.approx(1.0, abs=1e-3)
+    assert ckpt.list_checkpoints(tmp_path / "run")[-1].name == "step-0000040"
+
+
+def test_instruction_fine_tuning_from_a_checkpoint(cache_dir, tmp_path):
+    base = tiny_config(cache_dir, "train.max_steps=5")
+    Trainer(base, RunOptions(tmp_path / "base", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    source = ckpt.resolve_checkpoint(tmp_path / "base")
+    chat = tiny_config(cache_dir, "train.max_steps=5", f"data.instruct={json.dumps(str(ROOT / 'data/instruct_example.jsonl'))}")
+    trainer = Trainer(chat, RunOptions(tmp_path / "chat", torch.device("cpu"), init_from=source, peak_flops=1e11, quiet=True))
+    assert trainer.step == 0  # a new run: weights only
+    assert trainer.train()["val_loss"] > 0
+
+
+def test_longer_context_starts_from_the_short_model(cache_dir, tmp_path):
+    base = tiny_config(cache_dir, "train.max_steps=5")
+    Trainer(base, RunOptions(tmp_path / "short", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    long = tiny_config(cache_dir, "train.max_steps=3", "model.max_seq_len=128", "model.rope_scale=2.0")
+    source = ckpt.resolve_checkpoint(tmp_path / "short")
+    trainer = Trainer(long, RunOptions(tmp_path / "long", torch.device("cpu"), init_from=source, peak_flops=1e11, quiet=True))
+    assert trainer.data.batch(0, 2, 128).inputs.shape == (2, 128)
+    assert trainer.train()["steps"] == 3
+    wider = tiny_config(cache_dir, "model.d_model=128")
+    with pytest.raises(ckpt.CheckpointError, match="weights do not fit this model"):
+        Trainer(wider, RunOptions(tmp_path / "wide", torch.device("cpu"), init_from=source, peak_flops=1e11, quiet=True))
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=10", "train.ckpt_every=5", "train.keep_checkpoints=3")
+    Trainer(cfg, RunOptions(tmp_path, torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    older, newest = ckpt.list_checkpoints(tmp_path)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    warnings = []
+    assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) == older
+    assert "model.safetensors has 1000 bytes" in warnings[0]
+    (older / "trainer.pt").write_bytes(b"garbage")
+    assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) is None
+    assert "trainer.pt" in warnings[-1]
+
+
+def test_only_the_last_n_checkpoints_are_kept(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=8", "train.ckpt_every=2", "train.keep_checkpoints=2")
+    Trainer(cfg, RunOptions(tmp_path, torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000006", "step-0000008"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def train_cli(out, cache_dir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--out", str(out), "--quiet",
+            f"--data.cache_dir={cache_dir}", "--data.sources={docs = 1}", "--train.max_steps=40",
+            "--train.log_every=1", "--train.ckpt_every=5", "--train.eval_every=20", "--train.sample_tokens=0",
+            "--model.router_jitter=0.1", "--peak-flops=1e11", *extra]
+
+
+def losses_by_step(run_dir):
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["type"] == "train":
+            losses[record["step"]] = record["loss"]  # a resumed run logs some steps again: keep the last
+    return losses
+
+
+def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
+    subprocess.run(train_cli(tmp_path / "whole", cache_dir), check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cli(killed, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and 17 not in _steps_so_far(killed):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 17 in _steps_so_far(killed) and 40 not in _steps_so_far(killed)
+    resumed = subprocess.run(train_cli(killed, cache_dir, "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    whole, after_kill = losses_by_step(tmp_path / "whole"), losses_by_step(killed)
+    assert sorted(whole) == sorted(after_kill) == list(range(1, 41))
+    assert all(whole[s] == after_kill[s] for s in whole)  # bit for bit, every step
+
+
+def _steps_so_far(run_dir):
+    try:
+        return losses_by_step(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written
+        return {}
+
+
+def test_a_run_directory_is_never_overwritten(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=2")
+    Trainer(cfg, RunOptions(tmp_path, torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    proc = subprocess.run(train_cli(tmp_path, cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "already holds checkpoints: pass --resume" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume"], "--resume: no usable checkpoint in"),
+    (["--init-from", "/nonexistent/run"], "checkpoint /nonexistent/run: no such file or directory"),
+    (["--data.sources={\"/no/such/file.txt\" = 1}"], "data source /no/such/file.txt: no such file or directory"),
+])
+def test_train_cli_errors_are_one_clear_line(cache_dir, tmp_path, extra, message):
+    proc = subprocess.run(train_cli(tmp_path / "run", cache_dir, *extra), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
