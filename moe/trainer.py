@@ -77,7 +77,6 @@ class Trainer:
         self.forward = torch.compile(self.model) if options.compile else self.model
         self.optimizer = self._make_optimizer()
         self.step = self.tokens_seen = self.sequences_drawn = 0
-        self.tokens_trained_here = 0  # this process's share, for its throughput
         if options.resume_from:
             state = ckpt.load_trainer_state(options.resume_from)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -110,55 +109,44 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.options.quiet, mininterval=1 if sys.stderr.isatty() else 30)
-        interval = {"time": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
-        loads = None
-        started, train_time, evaluation = time.perf_counter(), 0.0, {}
-        if self.step == 0:  # where a fresh or --init-from run starts: the "before" of fine-tuning
-            start = self.evaluate()
-            bar.write(f"step 0: val loss {start['val_loss']:.4f}, {start['val_bpb']:.3f} bits per byte")
+        started, interval, whole = time.perf_counter(), Meter(), Meter()
+        # A fresh or --init-from run evaluates first: the "before" of a fine-tune.
+        evaluation = self.evaluate(bar) if self.step == 0 else {}
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             record = self.train_step()
-            elapsed = time.perf_counter() - t0
-            train_time += elapsed
-            interval["time"] += elapsed
-            interval["tokens"] += record["tokens"]
-            interval["loss"] += record["loss"]
-            interval["steps"] += 1
-            loads = record["expert_tokens"] if loads is None else [a + b for a, b in zip(loads, record["expert_tokens"])]
+            for meter in (interval, whole):
+                meter.add(record, time.perf_counter() - t0)
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                tokens_per_s = interval["tokens"] / interval["time"]
-                log = {
-                    "type": "train", "step": self.step, "loss": interval["loss"] / interval["steps"],
-                    "ce_loss": record["ce_loss"], "balance_loss": record["balance_loss"], "z_loss": record["z_loss"],
-                    "lr": record["lr"], "batch_size": record["batch_size"], "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / self.peak_flops,
-                    **expert_load(loads, record["dropped"]),
-                }
-                self.write(log)
-                bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{log['mfu']:.0%}",
-                                refresh=False)
-                interval = {"time": 0.0, "tokens": 0, "loss": 0.0, "steps": 0}
-                loads = None
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                evaluation = self.evaluate()
-                bar.write(f"step {self.step}: val loss {evaluation['val_loss']:.4f}, "
-                          f"{evaluation['val_bpb']:.3f} bits per byte")
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+            last = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or last:
+                self.log(record, interval, bar)
+                interval = Meter()
+            if self.step % cfg.eval_every == 0 or last:
+                evaluation = self.evaluate(bar)
+            if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
         bar.close()
         if not evaluation:  # nothing left to train (a resume of a finished run)
-            evaluation = self.evaluate()
-        summary = {
-            "type": "summary", "steps": self.step, "tokens_seen": self.tokens_seen,
-            "wall_s": time.perf_counter() - started, **evaluation,
-            "tokens_per_s": self.tokens_trained_here / train_time if train_time else None,
-            "mfu": self.flops_per_token * self.tokens_trained_here / train_time / self.peak_flops if train_time else None,
-            "peak_flops": self.peak_flops, "run_dir": str(self.out),
-        }
+            evaluation = self.evaluate(bar)
+        summary = {"type": "summary", "steps": self.step, "tokens_seen": self.tokens_seen,
+                   "wall_s": time.perf_counter() - started, **evaluation,
+                   "tokens_per_s": whole.tokens_per_s, "mfu": self.mfu(whole.tokens_per_s),
+                   "peak_flops": self.peak_flops, "run_dir": str(self.out)}
         self.write(summary)
         return summary
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        return tokens_per_s and self.flops_per_token * tokens_per_s / self.peak_flops
+
+    def log(self, record: dict, interval: Meter, bar: tqdm) -> None:
+        log = {"type": "train", "step": self.step, "loss": interval.loss / interval.steps,
+               **{k: record[k] for k in ("ce_loss", "balance_loss", "z_loss", "lr", "batch_size")},
+               "tokens_seen": self.tokens_seen, "tokens_per_s": interval.tokens_per_s,
+               "mfu": self.mfu(interval.tokens_per_s), **expert_load(interval.expert_tokens, record["dropped"])}
+        self.write(log)
+        bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{log['tokens_per_s']:.0f}", mfu=f"{log['mfu']:.0%}",
+                        refresh=False)
 
     def train_step(self) -> dict:
         """One optimizer step over batch_size_at(tokens_seen) sequences, in micro-batches."""
@@ -188,12 +176,11 @@ class Trainer:
         self.step += 1
         self.sequences_drawn += n_seqs
         self.tokens_seen += n_seqs * self.seq_len
-        self.tokens_trained_here += n_seqs * self.seq_len
         return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len,
                 "expert_tokens": [c.cpu() for c in expert_tokens], "dropped": [int(d) for d in dropped]}
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, bar: tqdm | None = None) -> dict:
         """Validation loss on fixed held-out sequences, and bits per byte (tokenizer-independent)."""
         self.model.eval()
         total, weight = 0.0, 0
@@ -207,10 +194,11 @@ class Trainer:
             weight += counted
         self.model.train()
         val_loss = total / weight
-        record = {"type": "eval", "step": self.step, "val_loss": val_loss,
-                  "val_bpb": val_loss / math.log(2) / self.data.bytes_per_token}
-        self.write(record)
-        return {"val_loss": record["val_loss"], "val_bpb": record["val_bpb"]}
+        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.data.bytes_per_token}
+        self.write({"type": "eval", "step": self.step, **result})
+        if bar is not None:
+            bar.write(f"step {self.step}: val loss {val_loss:.4f}, {result['val_bpb']:.3f} bits per byte")
+        return result
 
     def save(self) -> Path:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
@@ -232,6 +220,26 @@ class Trainer:
     def write(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+
+
+class Meter:
+    """Sums over a span of steps: time, tokens, loss and tokens per expert."""
+
+    def __init__(self):
+        self.seconds, self.tokens, self.loss, self.steps = 0.0, 0, 0.0, 0
+        self.expert_tokens: list[torch.Tensor] = []
+
+    def add(self, record: dict, seconds: float) -> None:
+        self.seconds += seconds
+        self.tokens += record["tokens"]
+        self.loss += record["loss"]
+        self.steps += 1
+        counts = record["expert_tokens"]
+        self.expert_tokens = [a + b for a, b in zip(self.expert_tokens, counts)] if self.expert_tokens else counts
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
 
 
 def expert_load(tokens_per_expert: list[torch.Tensor], dropped: list[int]) -> dict:
