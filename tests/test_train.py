@@ -213,3 +213,21 @@ def test_train_cli_errors_are_one_clear_line(cache_dir, tmp_path, extra, message
     proc = subprocess.run(train_cli(tmp_path / "run", cache_dir, *extra), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_local_text_jsonl_and_parquet_sources_are_read_with_datasets(tmp_path):
+    import datasets
+
+    rows = ["first document", "second document\nwith two lines"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": r}) + "\n" for r in rows))
+    datasets.Dataset.from_dict({"body": rows}).to_parquet(str(tmp_path / "b.parquet"))
+    (tmp_path / "c.txt").write_text(rows[1])
+    assert data_module.read_documents(str(tmp_path / "a.jsonl"), text_field="body") == rows
+    assert data_module.read_documents(str(tmp_path / "b.parquet"), text_field="body") == rows
+    assert data_module.read_documents(str(tmp_path / "c.txt")) == [rows[1]]  # a whole file is one document
+    assert len(data_module.read_documents(str(tmp_path), text_field="body")) == 5  # a directory: all of them
+    with pytest.raises(ValueError, match=r"a.jsonl: no column 'text' \(columns: body\); set data.text_field"):
+        data_module.read_documents(str(tmp_path / "a.jsonl"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt: no text in it"):
+        data_module.read_documents(str(tmp_path / "empty.txt"))
