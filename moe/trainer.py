@@ -81,6 +81,8 @@ class Trainer:
             state = ckpt.load_trainer_state(options.resume_from)
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.step, self.tokens_seen, self.sequences_drawn = state["step"], state["tokens_seen"], state["sequences_drawn"]
         self.seq_len = mcfg.max_seq_len
         self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True)
@@ -203,6 +205,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
                  "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # router jitter draws from the device's generator there
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return ckpt.save_checkpoint(self.out, self.step, self.model, state, self.config, self.tokenizer,
                                     self.cfg.keep_checkpoints)
 
