@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .kv_cache import CacheStep
 
 
 def rope_tables(positions_T: Tensor, head_dim: int, theta: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -36,18 +37,26 @@ def apply_rope(x_BHTDh: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # which of the cache's layers is this one's
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv: CacheStep | None = None) -> Tensor:
+        """cos, sin: (T, Dh), or (B, 1, T, Dh) when rows sit at different positions (a cache)."""
         q = rearrange(self.wq(x_BTD), "b t (h d) -> b h t d", h=self.n_heads)
         k = rearrange(self.wk(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
         v = rearrange(self.wv(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
-        q, k = apply_rope(q, cos_TDh, sin_TDh), apply_rope(k, cos_TDh, sin_TDh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = kv.write_and_read(self.layer, k, v)  # (B, G, span, Dh): the prefix so far
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.mask_B1TC,
+                                               enable_gqa=gqa)
         return self.wo(rearrange(y, "b h t d -> b t (h d)"))

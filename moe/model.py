@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .attention import Attention, rope_tables
 from .config import ModelConfig
 from .experts import MoE, MoEOutput, RouterStats, SwiGLU
+from .kv_cache import CacheStep, KVCache
 
 
 class ModelOutput(NamedTuple):
@@ -58,12 +59,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEOutput | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
+                kv: CacheStep | None = None) -> tuple[Tensor, MoEOutput | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, kv)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             moe = self.ffn(h_BTD)
@@ -95,22 +97,36 @@ class MoETransformer(nn.Module):
             else:
                 p.normal_(0.0, self.cfg.init_std)
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                rows: Tensor | None = None) -> ModelOutput:
         """Logits for every position of `tokens` (B, T); with `targets` (B, T; -100 = ignore),
-        the loss and its parts."""
+        the loss and its parts.
+
+        With a `cache`, the tokens continue the sequences it holds (its slots `rows`, default all):
+        they attend to the cached keys and values, theirs are added, and the lengths advance.
+        """
         B, T = tokens.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        positions_T = torch.arange(T, device=tokens.device)
-        cos, sin = rope_tables(positions_T, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
+        kv = None
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)
+        else:
+            kv = cache.step(T, rows)
+            positions = kv.positions_BT
+        cos, sin = rope_tables(positions.flatten(), self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
+        if kv is not None:
+            cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # every row at its own positions
 
         x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
         for block in self.blocks:
-            x_BTD, moe = block(x_BTD, cos, sin)
+            x_BTD, moe = block(x_BTD, cos, sin, kv)
             if moe is not None:
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
+        if cache is not None:
+            cache.advance(T, rows)
 
         zero = logits_BTV.new_zeros((), dtype=torch.float32)
         balance = torch.stack([m.balance_loss for m in moe_outputs]).mean() if moe_outputs else zero

@@ -1,0 +1,73 @@
+"""A preallocated key/value cache: prefill a prompt in one pass, then decode a token at a time.
+
+Shape legend: L layers, S slots (sequences the cache holds), G key/value heads, C capacity
+(positions per slot), Dh head dim, B rows of the current forward, T new tokens per row.
+
+Keys and values are kept with G = n_kv_heads heads only: under multi-query attention (G = 1)
+the cache is n_heads times smaller than multi-head attention's. Each slot has its own length,
+so sequences of different lengths share one cache (continuous batching), and shortening a
+length is all it takes to roll a slot back (speculative decoding): entries past a slot's
+length are never attended to and are overwritten by the next write.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, slots: int, capacity: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.capacity = capacity or cfg.max_seq_len
+        if self.capacity > cfg.max_seq_len:
+            raise ValueError(f"cache capacity {self.capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
+        shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        self.k_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_LSGCD.nbytes + self.v_LSGCD.nbytes
+
+    def step(self, n_new: int, rows: Tensor | None = None) -> CacheStep:
+        """Where the next forward's n_new tokens per row go; rows = the slots it runs (default: all)."""
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        positions_BT = lengths[:, None] + torch.arange(n_new, device=lengths.device)
+        span = int(positions_BT.max()) + 1  # keys needed, for every row: one host sync per forward
+        if span > self.capacity:
+            raise ValueError(f"sequence would reach {span} tokens, past the cache capacity {self.capacity}")
+        visible_BTC = torch.arange(span, device=lengths.device) <= positions_BT[..., None]  # causal, per row
+        return CacheStep(self, rows, positions_BT, visible_BTC[:, None], span)
+
+    def advance(self, n: int | Tensor, rows: Tensor | None = None) -> None:
+        if rows is None:
+            self.lengths += n
+        else:
+            self.lengths[rows] += n
+
+
+class CacheStep(NamedTuple):
+    """One forward's view of the cache: which slots, at which positions, seeing which keys."""
+
+    cache: KVCache
+    rows: Tensor | None  # (B,) slot of each row; None = every slot, in order
+    positions_BT: Tensor
+    mask_B1TC: Tensor  # True where a query may attend to a cached key
+    span: int  # keys 0 .. span-1 are enough for every row
+
+    def write_and_read(self, layer: int, k_BGTD: Tensor, v_BGTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values at their positions; return each row's keys/values so far."""
+        k_cache, v_cache = self.cache.k_LSGCD[layer], self.cache.v_LSGCD[layer]  # (S, G, C, Dh)
+        B, T = self.positions_BT.shape
+        rows_BT = (torch.arange(B, device=k_BGTD.device) if self.rows is None else self.rows)[:, None].expand(B, T)
+        k_cache[rows_BT, :, self.positions_BT] = k_BGTD.transpose(1, 2).to(k_cache.dtype)  # (B, T, G, Dh)
+        v_cache[rows_BT, :, self.positions_BT] = v_BGTD.transpose(1, 2).to(v_cache.dtype)
+        if self.rows is None:
+            return k_cache[:, :, : self.span], v_cache[:, :, : self.span]
+        return k_cache[self.rows, :, : self.span], v_cache[self.rows, :, : self.span]
