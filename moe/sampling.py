@@ -1,33 +1,111 @@
-"""Sampling the next token, and a plain generation loop (a full forward per token, no cache)."""
+"""Turning logits into tokens, and generating with a KV cache (prefill once, then one token a step).
+
+Shape legend: B rows, T positions, V vocabulary.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .kv_cache import KVCache
 
-def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """(B,) next tokens: greedy at temperature 0, else softmax(logits / T) over the top k."""
-    if temperature == 0:
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (nucleus)
+    stop_tokens: tuple[int, ...] = ()  # generation ends after emitting one of these
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        generator = torch.Generator(device)
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+def probabilities(logits_BV: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution tokens are drawn from: temperature, then top-k, then top-p, renormalised.
+
+    At temperature 0 it is one-hot on the argmax (greedy), so speculative decoding can treat
+    greedy and sampled decoding alike.
+    """
+    logits_BV = logits_BV.float()
+    if params.temperature == 0:
+        return torch.nn.functional.one_hot(logits_BV.argmax(-1), logits_BV.shape[-1]).float()
+    logits_BV = logits_BV / params.temperature
+    if params.top_k and params.top_k < logits_BV.shape[-1]:
+        kth_BV = logits_BV.topk(params.top_k, dim=-1).values[..., -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_BV, float("-inf"))
+    probs_BV = logits_BV.softmax(dim=-1)
+    if params.top_p < 1:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the more likely tokens
+        sorted_BV = sorted_BV.masked_fill(before_BV >= params.top_p, 0.0)  # the first token always stays
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+        probs_BV = probs_BV / probs_BV.sum(dim=-1, keepdim=True)
+    return probs_BV
+
+
+def sample(probs_BV: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def sample_next(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """(B,) next tokens."""
+    if params.temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV.float() / temperature
-    if top_k:
-        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-    return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return sample(probabilities(logits_BV, params), generator)
 
 
 @torch.no_grad()
-def generate_simple(model, tokens_BT: Tensor, max_new_tokens: int, temperature: float = 0.8,
-                    top_k: int = 50, stop_token: int | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
-    """Append up to max_new_tokens to each row, re-running the (last max_seq_len) context each step."""
-    context = model.cfg.max_seq_len
-    for _ in range(max_new_tokens):
-        logits = model(tokens_BT[:, -context:]).logits[:, -1]
-        next_B = sample_next(logits, temperature, top_k, generator)
-        tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
-        if stop_token is not None and (next_B == stop_token).all():
+def generate(model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+    """Yield new tokens one at a time (streaming): prefill the prompt once, then decode with the cache."""
+    cfg = model.cfg
+    if not prompt:
+        raise ValueError("empty prompt")
+    if len(prompt) >= cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in model.max_seq_len={cfg.max_seq_len}")
+    device = next(model.parameters()).device
+    capacity = min(cfg.max_seq_len, len(prompt) + params.max_new_tokens)
+    cache = KVCache(cfg, slots=1, capacity=capacity, device=device, dtype=next(model.parameters()).dtype)
+    generator = params.generator(device)
+    logits_V = model(torch.tensor([prompt], device=device), cache=cache).logits[0, -1]
+    for i in range(min(params.max_new_tokens, capacity - len(prompt))):
+        token = int(sample_next(logits_V[None], params, generator))
+        yield token
+        if token in params.stop_tokens or i + 1 == capacity - len(prompt):
+            return
+        logits_V = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+
+
+@torch.no_grad()
+def generate_uncached(model, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The same tokens as `generate`, re-running the whole sequence every step: the baseline."""
+    device = next(model.parameters()).device
+    generator = params.generator(device)
+    tokens = list(prompt)
+    for _ in range(min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))):
+        logits_V = model(torch.tensor([tokens], device=device)).logits[0, -1]
+        tokens.append(int(sample_next(logits_V[None], params, generator)))
+        if tokens[-1] in params.stop_tokens:
             break
-    return tokens_BT
+    return tokens[len(prompt):]

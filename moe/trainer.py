@@ -25,7 +25,7 @@ from .benchmarks import matmul_peak
 from .config import Config, TrainConfig
 from .data import prepare_data
 from .model import MoETransformer
-from .sampling import generate_simple
+from .sampling import SamplingParams, generate
 from .tokenizer import EOT
 
 
@@ -213,13 +213,13 @@ class Trainer:
     def sample(self, max_new_tokens: int, prompt: str = "") -> str:
         """Text generated from the model (from the start of a document when there is no prompt)."""
         start = [self.tokenizer.token_to_id(EOT), *self.tokenizer.encode(prompt).ids]
-        tokens = torch.tensor([start], device=self.device)
-        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        eot = self.tokenizer.token_to_id(EOT)
+        params = SamplingParams(max_new_tokens, temperature=0.8, top_k=50, stop_tokens=(eot,), seed=self.cfg.seed)
         self.model.eval()
         with self.autocast():
-            tokens = generate_simple(self.model, tokens, max_new_tokens, generator=generator)
+            tokens = list(generate(self.model, start, params))
         self.model.train()
-        return prompt + self.tokenizer.decode(tokens[0, len(start):].tolist())
+        return prompt + self.tokenizer.decode(tokens)
 
     def write(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")

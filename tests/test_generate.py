@@ -1,0 +1,168 @@
+"""Inference: the KV cache, sampling, continuous batching and speculative decoding."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moe import ModelConfig, MoETransformer, load_config
+from moe.engine import Engine, Request
+from moe.kv_cache import KVCache
+from moe.sampling import SamplingParams, generate, generate_uncached, probabilities, sample_next
+from moe.speculative import SpeculativeStats, speculative_generate
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
+
+
+@pytest.fixture
+def target(tiny):
+    return MoETransformer(tiny).eval()
+
+
+def noisy_copy(model, scale):
+    """A draft that agrees with the target often but not always."""
+    copy = MoETransformer(model.cfg).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn_like(p) * scale * p.std())
+    return copy
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_cached_decode_equals_the_full_forward_logits_and_routing(tiny, n_kv_heads):
+    model = MoETransformer(replace(tiny, n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, tiny.vocab_size, (3, 24))
+    full = model(tokens)
+    cache = KVCache(model.cfg, slots=3)
+    prefill = model(tokens[:, :10], cache=cache)
+    torch.testing.assert_close(prefill.logits, full.logits[:, :10])
+    for t in range(10, 24):
+        step = model(tokens[:, t : t + 1], cache=cache)
+        torch.testing.assert_close(step.logits[:, 0], full.logits[:, t], atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [24, 24, 24]
+    # routing: the experts each decoded token chose are the ones the full forward chose
+    routed_full = model.blocks[0].ffn.router_logits(model.blocks[0].ffn_norm(torch.zeros(1, tiny.d_model)))
+    assert routed_full.shape == (1, tiny.n_experts)
+
+
+def test_decode_routing_choices_match_the_full_forward(tiny):
+    model = MoETransformer(tiny).eval()
+    tokens = torch.randint(0, tiny.vocab_size, (1, 16))
+    chosen = []
+    hook = model.blocks[1].ffn.register_forward_hook(
+        lambda mod, args, out: chosen.append(mod.router_logits(args[0].reshape(-1, tiny.d_model)).topk(2).indices))
+    model(tokens)
+    cache = KVCache(tiny, slots=1)
+    model(tokens[:, :8], cache=cache)
+    for t in range(8, 16):
+        model(tokens[:, t : t + 1], cache=cache)
+    hook.remove()
+    full, prefill, steps = chosen[0], chosen[1], chosen[2:]
+    assert torch.equal(torch.cat([prefill, *steps]), full)
+
+
+def test_cache_is_n_heads_times_smaller_under_mqa(tiny):
+    mqa = KVCache(replace(tiny, n_kv_heads=1), slots=2)
+    mha = KVCache(replace(tiny, n_kv_heads=tiny.n_heads), slots=2)
+    assert mha.nbytes == tiny.n_heads * mqa.nbytes
+    assert mqa.nbytes == 2 * tiny.n_layers * 2 * 1 * tiny.max_seq_len * tiny.head_dim * 4  # K and V, fp32
+
+
+def test_cached_generation_equals_uncached(target):
+    for params in (GREEDY, SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=3)):
+        assert list(generate(target, [1, 2, 3], params)) == generate_uncached(target, [1, 2, 3], params)
+
+
+def test_sampling_is_seeded_and_stops_at_stop_tokens(target):
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=7)
+    first = list(generate(target, [4, 5], params))
+    assert first == list(generate(target, [4, 5], params)) and len(first) == 30
+    assert first != list(generate(target, [4, 5], replace(params, seed=8)))
+    stop = first[5]
+    stopped = list(generate(target, [4, 5], replace(params, stop_tokens=(stop,))))
+    assert stopped == first[: first.index(stop) + 1]
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    top_k = probabilities(logits, SamplingParams(top_k=2))
+    torch.testing.assert_close(top_k, torch.tensor([[0.5, 0.2, 0, 0, 0]]) / 0.7)
+    top_p = probabilities(logits, SamplingParams(top_p=0.8))  # 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15
+    torch.testing.assert_close(top_p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    assert probabilities(logits, SamplingParams(top_p=0.3))[0].tolist() == [1, 0, 0, 0, 0]
+    assert sample_next(logits, SamplingParams(temperature=0)).item() == 0
+    hot = probabilities(logits, SamplingParams(temperature=0.5))
+    torch.testing.assert_close(hot, torch.tensor([[0.25, 0.04, 0.0225, 0.01, 0.0025]]) / 0.325)
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(target, tiny):
+    with pytest.raises(ValueError, match="leaves no room in model.max_seq_len=64"):
+        next(generate(target, list(range(tiny.max_seq_len)), GREEDY))
+
+
+def test_continuous_batching_gives_each_request_what_it_gets_alone(target):
+    requests = [Request([3 + i, 9, 27 + i], SamplingParams(max_new_tokens=4 + 5 * i, temperature=0), id=i)
+                for i in range(7)]
+    engine = Engine(target, slots=3)
+    results = engine.run(requests)
+    assert sorted(r.id for r in results) == list(range(7))
+    for r in results:
+        assert r.tokens == list(generate(target, requests[r.id].prompt, requests[r.id].params))
+    sizes = [s.batch_size for s in engine.steps]
+    assert max(sizes) == 3 and min(sizes) == 1  # the batch shrinks as the queue empties
+    assert sizes[: sizes.index(2)] == [3] * sizes.index(2)  # finished slots are refilled at once
+    for step in engine.steps:  # every decoded token routed to top_k experts in every MoE layer
+        assert all(sum(layer) == step.batch_size * target.cfg.top_k for layer in step.tokens_per_expert)
+
+
+def test_static_batching_waits_for_the_whole_batch(target):
+    requests = [Request([1, 2], SamplingParams(max_new_tokens=n, temperature=0), id=i) for i, n in enumerate([2, 9, 2, 2])]
+    static, continuous = Engine(target, slots=2, static=True), Engine(target, slots=2)
+    static.run(requests)
+    continuous.run(requests)
+    assert len(static.steps) > len(continuous.steps)
+    assert sorted(r.tokens for r in static.results) == sorted(r.tokens for r in continuous.results)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3, 3.0])  # draft = target (all accepted), close, unrelated
+def test_greedy_speculative_output_is_the_plain_greedy_output(target, noise):
+    draft = noisy_copy(target, noise)
+    stats = SpeculativeStats()
+    for k in (1, 4):
+        assert list(speculative_generate(target, draft, [7, 8, 9], GREEDY, k=k, stats=stats)) == \
+            list(generate(target, [7, 8, 9], GREEDY))
+    if noise == 0:
+        assert stats.acceptance_rate == 1.0 and stats.tokens_per_target_forward > 2
+    if noise == 3.0:
+        assert stats.acceptance_rate < 0.5
+
+
+def test_speculative_sampling_is_distributed_exactly_as_the_target():
+    cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=2, d_ff=16,
+                      max_seq_len=16, init_std=0.3)
+    torch.manual_seed(1)
+    target = MoETransformer(cfg).eval()
+    draft = noisy_copy(target, 1.0)
+    prompt = [3, 1]
+    with torch.no_grad():
+        p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        p2 = sum(p1[x] * target(torch.tensor([prompt + [x]])).logits[0, -1].softmax(-1) for x in range(8))
+    n = 2000
+    counts = torch.zeros(2, 8)
+    stats = SpeculativeStats()
+    for seed in range(n):
+        params = SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed)
+        first, second = speculative_generate(target, draft, prompt, params, k=3, stats=stats)
+        counts[0, first] += 1
+        counts[1, second] += 1
+    assert 0.2 < stats.acceptance_rate < 0.95  # both the accept and the resample paths ran
+    critical = 24.32  # chi-square, 7 degrees of freedom, p = 0.001
+    for observed, expected in zip(counts, (p1 * n, p2 * n)):
+        assert ((observed - expected) ** 2 / expected).sum() < critical
+
+
+def test_draft_with_another_vocabulary_is_refused(target, tiny):
+    other = MoETransformer(replace(tiny, vocab_size=256)).eval()
+    with pytest.raises(ValueError, match="draft vocabulary \\(256\\) differs from the target's \\(512\\)"):
+        next(speculative_generate(target, other, [1], GREEDY))
