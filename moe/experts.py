@@ -53,8 +53,8 @@ class RouterStats(NamedTuple):
 
 class MoEOutput(NamedTuple):
     y: Tensor
-    balance_loss: Tensor
-    z_loss: Tensor
+    balance_loss: Tensor | None
+    z_loss: Tensor | None
     stats: RouterStats
 
 
@@ -200,7 +200,8 @@ class MoE(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.router.weight.float())
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, with_losses: bool = True) -> MoEOutput:
+        """Mix each token's top-k experts; the auxiliary losses only when asked (training)."""
         x_TD = x.reshape(-1, x.shape[-1])
         routing = route(self.router_logits(x_TD), self.top_k)
         capacity = None
@@ -217,7 +218,7 @@ class MoE(nn.Module):
             y_TD = combine(self.experts(x_AD, gates_A, plan.counts_E), plan, x_TD.shape[0])
         return MoEOutput(
             y=y_TD.view_as(x).to(x.dtype),
-            balance_loss=load_balancing_loss(routing.probs_TE, routing.experts_TK),
-            z_loss=router_z_loss(routing.logits_TE),
+            balance_loss=load_balancing_loss(routing.probs_TE, routing.experts_TK) if with_losses else None,
+            z_loss=router_z_loss(routing.logits_TE) if with_losses else None,
             stats=RouterStats(plan.routed_E.detach(), plan.dropped.detach()),
         )

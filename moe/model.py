@@ -24,10 +24,11 @@ from .kv_cache import CacheStep, KVCache
 
 class ModelOutput(NamedTuple):
     logits: Tensor  # (B, T, V)
+    # The loss and its parts, computed only when targets are given (None otherwise):
     loss: Tensor | None  # ce_loss + aux_loss_coef * balance_loss + z_loss_coef * z_loss
     ce_loss: Tensor | None
-    balance_loss: Tensor  # mean over MoE layers; 1.0 when perfectly balanced
-    z_loss: Tensor  # mean over MoE layers
+    balance_loss: Tensor | None  # mean over MoE layers; 1.0 when perfectly balanced
+    z_loss: Tensor | None  # mean over MoE layers
     router_stats: list[RouterStats]  # one per MoE layer, in layer order
 
 
@@ -63,12 +64,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor,
-                kv: CacheStep | None = None) -> tuple[Tensor, MoEOutput | None]:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv: CacheStep | None = None,
+                with_losses: bool = True) -> tuple[Tensor, MoEOutput | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, kv)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(h_BTD)
+            moe = self.ffn(h_BTD, with_losses)
             return x_BTD + moe.y, moe
         return x_BTD + self.ffn(h_BTD), None
 
@@ -121,19 +122,19 @@ class MoETransformer(nn.Module):
         x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
         for block in self.blocks:
-            x_BTD, moe = block(x_BTD, cos, sin, kv)
+            x_BTD, moe = block(x_BTD, cos, sin, kv, with_losses=targets is not None)
             if moe is not None:
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if cache is not None:
             cache.advance(T, rows)
 
+        stats = [m.stats for m in moe_outputs]
+        if targets is None:
+            return ModelOutput(logits_BTV, None, None, None, None, stats)
         zero = logits_BTV.new_zeros((), dtype=torch.float32)
         balance = torch.stack([m.balance_loss for m in moe_outputs]).mean() if moe_outputs else zero
         z_loss = torch.stack([m.z_loss for m in moe_outputs]).mean() if moe_outputs else zero
-        stats = [m.stats for m in moe_outputs]
-        if targets is None:
-            return ModelOutput(logits_BTV, None, None, balance, z_loss, stats)
         ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss = ce + self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z_loss
         return ModelOutput(logits_BTV, loss, ce, balance, z_loss, stats)

@@ -21,7 +21,7 @@ def test_forward_returns_logits_loss_and_its_parts(tiny):
     x = tokens(tiny)
     out = model(x)
     assert out.logits.shape == (2, 16, tiny.vocab_size)
-    assert out.loss is None and out.ce_loss is None
+    assert out.loss is None and out.ce_loss is None and out.balance_loss is None and out.z_loss is None
     out = model(x, x)
     expected_ce = F.cross_entropy(out.logits.flatten(0, 1), x.flatten())
     torch.testing.assert_close(out.ce_loss, expected_ce)
