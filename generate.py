@@ -1,10 +1,94 @@
 """Generate text from a trained MoE transformer.
 
-Generation is not part of this version yet: for now this checks the config (file and
-overrides) and reports the model it describes, then exits with status 1.
+Examples:
+  python generate.py --prompt "def fibonacci(n):"                  from runs/small, streamed
+  python generate.py --checkpoint runs/small --prompt "import" --temperature 0 --max-new-tokens 50
+  python generate.py --prompt-file prompts.txt --slots 8           one prompt a line, continuous batching
+  python generate.py --prompt "class" --draft-checkpoint runs/draft --speculate-k 4
 """
 
-from moe.cli import placeholder_main, run
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import load_for_inference
+from moe.cli import device_arg, run
+from moe.engine import Engine, Request
+from moe.sampling import SamplingParams, generate
+from moe.speculative import SpeculativeStats, speculative_generate
+from moe.tokenizer import EOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/small", help="a run directory or checkpoint (default runs/small)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    prompts.add_argument("--prompt-file", help="a file with one prompt per line, served by continuous batching")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter (default 50)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--slots", type=int, default=8, help="concurrent sequences for --prompt-file (default 8)")
+    parser.add_argument("--draft-checkpoint", help="a smaller model with the same tokenizer: speculative decoding")
+    parser.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (for CUDA)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    if args.compile:
+        model = torch.compile(model)
+    eot = tokenizer.token_to_id(EOT)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
+    encode = lambda text: [eot, *tokenizer.encode(text).ids]  # noqa: E731 - a prompt starts a document
+    started = time.perf_counter()
+
+    if args.prompt_file:
+        lines = [l for l in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if l.strip()]
+        engine = Engine(model, args.slots)
+        results = engine.run([Request(encode(line), params, id=i) for i, line in enumerate(lines)])
+        for result in sorted(results, key=lambda r: r.id):
+            print(f"--- {result.id}: {lines[result.id]}\n{lines[result.id]}{tokenizer.decode(result.tokens)}")
+        n_tokens = sum(len(r.tokens) for r in results)
+        report = f"{len(results)} requests"
+    else:
+        prompt = encode(args.prompt)
+        stats = SpeculativeStats()
+        if args.draft_checkpoint:
+            draft, draft_tokenizer = load_for_inference(args.draft_checkpoint, args.device)
+            if draft_tokenizer.to_str() != tokenizer.to_str():
+                raise ValueError(f"{args.draft_checkpoint}: its tokenizer differs from {args.checkpoint}'s")
+            tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
+        else:
+            tokens = generate(model, prompt, params)
+        out, shown = [], ""
+        print(args.prompt, end="", flush=True)
+        for token in tokens:
+            out.append(token)
+            if args.stream:  # print the newly complete text; a split UTF-8 character waits for its rest
+                text = tokenizer.decode(out)
+                if not text.endswith("\ufffd"):
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+        print(tokenizer.decode(out)[len(shown):])
+        n_tokens = len(out)
+        report = "1 request"
+        if args.draft_checkpoint:
+            report += (f", speculative k={args.speculate_k}: acceptance {stats.acceptance_rate:.0%}, "
+                       f"{stats.tokens_per_target_forward:.2f} tokens per target forward")
+    seconds = time.perf_counter() - started
+    print(f"[{report}, {n_tokens} tokens in {seconds:.2f} s, {n_tokens / seconds:.0f} tokens/s]", file=sys.stderr)
+    return 0
+
 
 if __name__ == "__main__":
-    run(placeholder_main(__doc__, "generation"))
+    run(main)

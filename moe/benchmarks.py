@@ -7,10 +7,12 @@ of skewing one.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -145,3 +147,112 @@ def matmul_peak(device: torch.device | str = "cpu", n: int = 2048, iters: int = 
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
     return 2 * n**3 / seconds
+
+
+# ---- inference ------------------------------------------------------------------------------
+
+def _percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(int(q * len(ordered)), len(ordered) - 1)]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+@torch.no_grad()
+def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0) -> dict:
+    """Batch-1 greedy decoding with the KV cache and without it, and token-to-token latency."""
+    from .kv_cache import KVCache
+    from .sampling import SamplingParams, generate, generate_uncached
+
+    cfg = model.cfg
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    list(generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0)))  # warm up
+    gaps, last = [], time.perf_counter()
+    start = last
+    for _ in generate(model, prompt, greedy):
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    cached_s = last - start
+    start = time.perf_counter()
+    generate_uncached(model, prompt, SamplingParams(max_new_tokens=uncached_tokens, temperature=0))
+    uncached_s = time.perf_counter() - start
+    kv_bytes = {name: KVCache(dataclasses.replace(cfg, n_kv_heads=g), slots=1, device="meta").nbytes
+                for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
+    return {
+        "benchmark": "decode", "batch_size": 1, "prompt_len": prompt_len,
+        "cached_tokens_per_s": new_tokens / cached_s,
+        "uncached_tokens_per_s": uncached_tokens / uncached_s,
+        "first_token_ms": gaps[0] * 1e3,  # prefill + first sample
+        "token_to_token_ms": {k: v * 1e3 for k, v in _percentiles(gaps[1:]).items()},
+        "kv_cache_bytes_full_context": kv_bytes,
+    }
+
+
+def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int = 16,
+                         min_new: int = 4, max_new: int = 160) -> list:
+    """n greedy requests whose output lengths follow a Pareto tail: most short, a few long."""
+    from .engine import Request
+    from .sampling import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip((min_new * (1 + rng.pareto(1.2, n))).astype(int), min_new, max_new)
+    return [Request(rng.integers(0, vocab_size, prompt_len).tolist(),
+                    SamplingParams(max_new_tokens=int(length), temperature=0), id=i)
+            for i, length in enumerate(lengths)]
+
+
+@torch.no_grad()
+def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict:
+    """Static vs continuous batching on the same long-tailed workload."""
+    from .engine import Engine
+
+    rows = []
+    for static in (True, False):
+        requests = long_tailed_requests(n_requests, model.cfg.vocab_size, seed)
+        engine = Engine(model, slots, static=static)
+        start = time.perf_counter()
+        results = engine.run(requests)
+        seconds = time.perf_counter() - start
+        latencies = [r.latency_s for r in results]
+        rows.append({
+            "mode": "static" if static else "continuous",
+            "tokens_per_s": sum(len(r.tokens) for r in results) / seconds,
+            "seconds": seconds, "decode_steps": len(engine.steps),
+            "mean_latency_s": statistics.mean(latencies), "p99_latency_s": _percentiles(latencies)["p99"],
+            "slot_utilisation": statistics.mean(s.batch_size for s in engine.steps) / slots,
+        })
+    lengths = [r.params.max_new_tokens for r in long_tailed_requests(n_requests, model.cfg.vocab_size, seed)]
+    return {"benchmark": "batching", "requests": n_requests, "slots": slots,
+            "output_lengths": {"min": min(lengths), "median": int(np.median(lengths)), "max": max(lengths)},
+            "rows": rows, "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
+
+
+@torch.no_grad()
+def speculative(target, draft, prompts: list[list[int]], new_tokens: int = 128, ks: tuple[int, ...] = (2, 4)) -> dict:
+    """Batch-1 greedy decoding, plain vs speculative with a draft, on the same prompts."""
+    from .sampling import SamplingParams, generate
+    from .speculative import SpeculativeStats, speculative_generate
+
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    list(generate(target, prompts[0], SamplingParams(max_new_tokens=8, temperature=0)))  # warm up
+
+    def timed(run) -> tuple[float, int]:
+        start, n = time.perf_counter(), 0
+        for prompt in prompts:
+            n += sum(1 for _ in run(prompt))
+        return time.perf_counter() - start, n
+
+    plain_s, plain_n = timed(lambda p: generate(target, p, greedy))
+    rows = [{"k": 0, "tokens_per_s": plain_n / plain_s, "acceptance": None, "tokens_per_target_forward": 1.0,
+             "speedup": 1.0}]
+    for k in ks:
+        stats = SpeculativeStats()
+        seconds, n = timed(lambda p: speculative_generate(target, draft, p, greedy, k, stats))
+        rows.append({"k": k, "tokens_per_s": n / seconds, "acceptance": stats.acceptance_rate,
+                     "tokens_per_target_forward": stats.tokens_per_target_forward,
+                     "speedup": (n / seconds) / rows[0]["tokens_per_s"]})
+    return {"benchmark": "speculative", "prompts": len(prompts), "new_tokens": new_tokens,
+            "target_params": target.param_counts().total, "draft_params": draft.param_counts().total,
+            "target_active": target.param_counts().active, "draft_active": draft.param_counts().active,
+            "rows": rows}

@@ -141,6 +141,16 @@ def load_checkpoint_tokenizer(folder: Path) -> Tokenizer:
     return load_tokenizer(folder / "tokenizer.json")
 
 
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer) from a checkpoint folder or a run directory, for inference."""
+    from .model import MoETransformer
+
+    folder = resolve_checkpoint(path)
+    model = MoETransformer(load_config_from(folder).model)
+    load_weights(folder, model)
+    return model.to(device).eval(), load_checkpoint_tokenizer(folder)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

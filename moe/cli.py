@@ -102,20 +102,6 @@ def write_json(path: str | None, result: dict) -> None:
         print(f"wrote {path}")
 
 
-def placeholder_main(doc: str, feature: str) -> Callable[[Sequence[str] | None], int]:
-    """`main` for an entry point whose feature is not in this version: validate, describe, exit 1."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_args(parser)
-        _, config = parse_args(parser, argv)
-        print(describe_model(config.model))
-        print(f"{parser.prog}: {feature} is not available in this version yet", file=sys.stderr)
-        return 1
-
-    return main
-
-
 def describe_model(cfg: ModelConfig) -> str:
     """One line: size, active size and FLOPs per token, from shapes only (built on `meta`)."""
     with torch.device("meta"):

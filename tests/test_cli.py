@@ -33,20 +33,13 @@ def test_bench_train_step_reports_tokens_per_second(tmp_path):
     assert json.loads(out.read_text())["tokens_per_s"] > 0
 
 
-def test_generate_placeholder_says_so_and_validates_its_config():
-    proc = run("generate.py", "--config", "tiny")
-    assert proc.returncode == 1
-    assert "not available in this version yet" in proc.stderr and "Traceback" not in proc.stderr
-    assert "M parameters" in proc.stdout
-
-
 @pytest.mark.parametrize("args, message", [
     (["train.py", "--model.n_layer=3"], "unknown key model.n_layer; did you mean model.n_layers?"),
     (["train.py", "--model.n_layers", "x"], "model.n_layers='x': expected int"),
     (["train.py", "--train.lr=-1"], "train.lr=-1.0: must be >= 0"),
     (["train.py", "--train.batch_size_start=16"], "train.batch_size_start=16 exceeds train.batch_size=8"),
     (["train.py", "--resume", "--init-from", "x"], "--resume and --init-from exclude each other"),
-    (["generate.py", "--config", "missing.toml"], "config 'missing.toml' not found"),
+    (["train.py", "--config", "missing.toml"], "config 'missing.toml' not found"),
     (["bench.py", "moe-layer", "--device", "tpu"], "unknown device 'tpu'"),
     (["bench.py", "moe-layer", "--impls", "fast"], "unknown implementation 'fast'"),
     (["bench.py", "moe-layer", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -57,3 +50,17 @@ def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path):
     proc = run(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["decode", "batching"])
+def test_inference_benchmarks_run_on_random_weights(command, tmp_path):
+    out = tmp_path / "result.json"
+    extra = ["--new-tokens", "8"] if command == "decode" else ["--requests", "6", "--slots", "2"]
+    proc = run("bench.py", command, "--config", "tiny", *extra, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    if command == "decode":
+        assert result["cached_tokens_per_s"] > 0 and result["kv_cache_bytes_full_context"]["mha"] == \
+            4 * result["kv_cache_bytes_full_context"]["mqa"]
+    else:
+        assert [r["mode"] for r in result["rows"]] == ["static", "continuous"]

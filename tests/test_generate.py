@@ -166,3 +166,65 @@ def test_draft_with_another_vocabulary_is_refused(target, tiny):
     other = MoETransformer(replace(tiny, vocab_size=256)).eval()
     with pytest.raises(ValueError, match="draft vocabulary \\(256\\) differs from the target's \\(512\\)"):
         next(speculative_generate(target, other, [1], GREEDY))
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moe.trainer import RunOptions, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A trained (for a few steps) tiny model with its tokenizer."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(out / 'cache'))}", "data.sources={docs = 1}",
+                               "train.max_steps=3", "train.sample_tokens=0"])
+    Trainer(cfg, RunOptions(out / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    return out / "run"
+
+
+def generate_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_streams_a_continuation(run_dir):
+    proc = generate_cli("--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-new-tokens", "12",
+                        "--temperature", "0", "--stream")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def f(x):") and "tokens/s" in proc.stderr
+
+
+def test_generate_serves_a_prompt_file_with_continuous_batching(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n\nclass A:\nx = 1\n")
+    proc = generate_cli("--checkpoint", str(run_dir), "--prompt-file", str(prompts), "--max-new-tokens", "5",
+                        "--slots", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("--- ")] == \
+        ["--- 0: import os", "--- 1: class A:", "--- 2: x = 1"]
+
+
+def test_generate_with_a_draft_reports_acceptance(run_dir):
+    proc = generate_cli("--checkpoint", str(run_dir), "--draft-checkpoint", str(run_dir), "--prompt", "a",
+                        "--max-new-tokens", "10", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "acceptance 100%" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/no/such/run"], "checkpoint /no/such/run: no such file or directory"),
+    (["--prompt", "word " * 100], "leaves no room in model.max_seq_len=64"),
+    (["--top-p", "0"], "top_p=0.0: must be in (0, 1]"),
+])
+def test_generate_errors_are_one_clear_line(run_dir, args, message):
+    proc = generate_cli("--checkpoint", str(run_dir), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
