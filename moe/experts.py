@@ -31,6 +31,7 @@ from .routing import (
 )
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+DECODE_TOKENS = 8  # up to this many tokens, inference runs experts pair by pair (Experts.decode)
 
 
 class SwiGLU(nn.Module):
@@ -86,6 +87,20 @@ class Experts(nn.Module):
             h_AF = F.silu(_grouped_mm(x_AD, w1, offs=offs_E)) * _grouped_mm(x_AD, w3, offs=offs_E)
             return _grouped_mm(h_AF, w2, offs=offs_E) * gates_A[:, None]
         return _SplitSwiGLU.apply(x_AD, gates_A, w1, w3, w2, counts_E.tolist())
+
+    @torch.no_grad()
+    def decode(self, x_TD: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        """A few tokens without gradients (generation): each (token, expert) pair run directly.
+
+        At decode time the sort, gather and scatter of the batched path cost more than the
+        handful of matrix-vector products themselves.
+        """
+        y_TD = torch.zeros_like(x_TD)
+        for t, (experts, gates) in enumerate(zip(experts_TK.tolist(), gates_TK.tolist())):
+            x = x_TD[t : t + 1]
+            for e, gate in zip(experts, gates):
+                y_TD[t] += gate * ((F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e])[0]
+        return y_TD
 
     def resolved_impl(self, x: Tensor) -> str:
         """`auto`: grouped_mm for bf16 on CUDA sm80+ (one kernel, no host sync), else split.
@@ -204,6 +219,11 @@ class MoE(nn.Module):
         """Mix each token's top-k experts; the auxiliary losses only when asked (training)."""
         x_TD = x.reshape(-1, x.shape[-1])
         routing = route(self.router_logits(x_TD), self.top_k)
+        decoding = not with_losses and not torch.is_grad_enabled() and x_TD.shape[0] <= DECODE_TOKENS
+        if decoding and self.capacity_factor is None:
+            routed_E = torch.bincount(routing.experts_TK.flatten(), minlength=self.n_experts)
+            y_TD = self.experts.decode(x_TD, routing.experts_TK, routing.gates_TK)
+            return MoEOutput(y_TD.view_as(x).to(x.dtype), None, None, RouterStats(routed_E, routed_E.new_zeros(())))
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(x_TD.shape[0], self.top_k, self.n_experts, self.capacity_factor)
