@@ -30,20 +30,21 @@ def noisy_copy(model, scale):
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
-def test_cached_decode_equals_the_full_forward_logits_and_routing(tiny, n_kv_heads):
+@pytest.mark.parametrize("grad", [True, False])  # without gradients, few tokens take Experts.decode
+def test_cached_decode_equals_the_full_forward_logits(tiny, n_kv_heads, grad):
     model = MoETransformer(replace(tiny, n_kv_heads=n_kv_heads)).eval()
     tokens = torch.randint(0, tiny.vocab_size, (3, 24))
-    full = model(tokens)
-    cache = KVCache(model.cfg, slots=3)
-    prefill = model(tokens[:, :10], cache=cache)
-    torch.testing.assert_close(prefill.logits, full.logits[:, :10])
-    for t in range(10, 24):
-        step = model(tokens[:, t : t + 1], cache=cache)
-        torch.testing.assert_close(step.logits[:, 0], full.logits[:, t], atol=1e-5, rtol=1e-5)
+    with torch.set_grad_enabled(grad):
+        full = model(tokens)
+        cache = KVCache(model.cfg, slots=3)
+        prefill = model(tokens[:, :10], cache=cache)
+        torch.testing.assert_close(prefill.logits, full.logits[:, :10])
+        for t in range(10, 24):
+            step = model(tokens[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step.logits[:, 0], full.logits[:, t], atol=1e-5, rtol=1e-5)
+            routed = sum(s.tokens_per_expert.sum() for s in step.router_stats)
+            assert routed == 3 * tiny.top_k * tiny.n_layers
     assert cache.lengths.tolist() == [24, 24, 24]
-    # routing: the experts each decoded token chose are the ones the full forward chose
-    routed_full = model.blocks[0].ffn.router_logits(model.blocks[0].ffn_norm(torch.zeros(1, tiny.d_model)))
-    assert routed_full.shape == (1, tiny.n_experts)
 
 
 def test_decode_routing_choices_match_the_full_forward(tiny):
