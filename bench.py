@@ -11,6 +11,7 @@ from moe import ModelConfig, MoETransformer, benchmarks
 from moe.checkpoint import load_config_from, load_for_inference, resolve_checkpoint
 from moe.cli import add_config_args, device_arg, parse_args, print_table, run, write_json
 from moe.data import prepare_data
+from moe.sampling import compile_decode_step
 
 
 def impl_list(text: str) -> tuple[str, ...]:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p3 = sub.add_parser("decode", help="batch-1 decoding tokens/s with and without the KV cache, latency")
     p3.add_argument("--new-tokens", type=int, default=128)
+    p3.add_argument("--compile", action="store_true", help="torch.compile the decode step (~15 s to compile here)")
     p4 = sub.add_parser("batching", help="static vs continuous batching on a long-tailed workload")
     p4.add_argument("--requests", type=int, default=64)
     p4.add_argument("--slots", type=int, default=8)
@@ -90,9 +92,11 @@ def inference_benchmark(args: argparse.Namespace, cfg: ModelConfig) -> int:
         model, tokenizer = MoETransformer(cfg).to(args.device).eval(), None
     where = args.checkpoint or f"random weights, {args.config}"
     if args.command == "decode":
-        result = benchmarks.decode(model, new_tokens=args.new_tokens)
+        step = compile_decode_step(model) if args.compile else None
+        result = benchmarks.decode(model, new_tokens=args.new_tokens, decode_step=step)
         lat = result["token_to_token_ms"]
-        print(f"batch-1 decode ({where}): {result['cached_tokens_per_s']:.0f} tokens/s with the KV cache, "
+        cached = "with the KV cache" + (", compiled" if args.compile else "")
+        print(f"batch-1 decode ({where}): {result['cached_tokens_per_s']:.0f} tokens/s {cached}, "
               f"{result['uncached_tokens_per_s']:.0f} without; first token {result['first_token_ms']:.1f} ms; "
               f"token-to-token p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms")
         print("KV cache at full context, batch 1: " + ", ".join(

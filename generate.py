@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from moe.checkpoint import load_for_inference
 from moe.cli import device_arg, run
 from moe.engine import Engine, Request
-from moe.sampling import SamplingParams, generate
+from moe.sampling import SamplingParams, compile_decode_step, generate
 from moe.speculative import SpeculativeStats, speculative_generate
 from moe.tokenizer import EOT
 
@@ -40,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-checkpoint", help="a smaller model with the same tokenizer: speculative decoding")
     parser.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (for CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token decode step (single prompts; slow to compile on a CPU)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     args = parser.parse_args(argv)
 
     model, tokenizer = load_for_inference(args.checkpoint, args.device)
-    if args.compile:
-        model = torch.compile(model)
+    decode_step = compile_decode_step(model) if args.compile else None
     eot = tokenizer.token_to_id(EOT)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
     encode = lambda text: [eot, *tokenizer.encode(text).ids]  # noqa: E731 - a prompt starts a document
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.draft_checkpoint}: its tokenizer differs from {args.checkpoint}'s")
             tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
         else:
-            tokens = generate(model, prompt, params)
+            tokens = generate(model, prompt, params, decode_step)
         out, shown = [], ""
         print(args.prompt, end="", flush=True)
         for token in tokens:

@@ -158,18 +158,22 @@ def _percentiles(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0) -> dict:
-    """Batch-1 greedy decoding with the KV cache and without it, and token-to-token latency."""
+def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0,
+           decode_step=None) -> dict:
+    """Batch-1 greedy decoding with the KV cache and without it, and token-to-token latency.
+
+    `decode_step`: a compiled step (`sampling.compile_decode_step`) for the cached run.
+    """
     from .kv_cache import KVCache
     from .sampling import SamplingParams, generate, generate_uncached
 
     cfg = model.cfg
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    list(generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0)))  # warm up
+    list(generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0), decode_step))  # warm up
     gaps, last = [], time.perf_counter()
     start = last
-    for _ in generate(model, prompt, greedy):
+    for _ in generate(model, prompt, greedy, decode_step):
         now = time.perf_counter()
         gaps.append(now - last)
         last = now
@@ -180,7 +184,7 @@ def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: 
     kv_bytes = {name: KVCache(dataclasses.replace(cfg, n_kv_heads=g), slots=1, device="meta").nbytes
                 for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
     return {
-        "benchmark": "decode", "batch_size": 1, "prompt_len": prompt_len,
+        "benchmark": "decode", "batch_size": 1, "prompt_len": prompt_len, "compiled": decode_step is not None,
         "cached_tokens_per_s": new_tokens / cached_s,
         "uncached_tokens_per_s": uncached_tokens / uncached_s,
         "first_token_ms": gaps[0] * 1e3,  # prefill + first sample

@@ -102,6 +102,13 @@ class Experts(nn.Module):
                 y_TD[t] += gate * ((F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e])[0]
         return y_TD
 
+    def decode_gathered(self, x_TD: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        """`decode` for torch.compile: gathers the chosen experts' weights (static shapes, no sync)."""
+        w1, w3, w2 = self.w1[experts_TK], self.w3[experts_TK], self.w2[experts_TK]  # (T, K, D|F, F|D)
+        h_TKF = F.silu(torch.einsum("td,tkdf->tkf", x_TD, w1)) * torch.einsum("td,tkdf->tkf", x_TD, w3)
+        out_TKD = torch.einsum("tkf,tkfd->tkd", h_TKF, w2)
+        return (out_TKD * gates_TK[..., None].to(out_TKD.dtype)).sum(dim=1)
+
     def resolved_impl(self, x: Tensor) -> str:
         """`auto`: grouped_mm for bf16 on CUDA sm80+ (one kernel, no host sync), else split.
 
@@ -221,8 +228,13 @@ class MoE(nn.Module):
         routing = route(self.router_logits(x_TD), self.top_k)
         decoding = not with_losses and not torch.is_grad_enabled() and x_TD.shape[0] <= DECODE_TOKENS
         if decoding and self.capacity_factor is None:
-            routed_E = torch.bincount(routing.experts_TK.flatten(), minlength=self.n_experts)
-            y_TD = self.experts.decode(x_TD, routing.experts_TK, routing.gates_TK)
+            experts_TK = routing.experts_TK
+            routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+                0, experts_TK.flatten(), torch.ones_like(experts_TK.flatten()))
+            if torch.compiler.is_compiling():  # static shapes, no host sync
+                y_TD = self.experts.decode_gathered(x_TD, experts_TK, routing.gates_TK)
+            else:
+                y_TD = self.experts.decode(x_TD, experts_TK, routing.gates_TK)
             return MoEOutput(y_TD.view_as(x).to(x.dtype), None, None, RouterStats(routed_E, routed_E.new_zeros(())))
         capacity = None
         if self.capacity_factor is not None:

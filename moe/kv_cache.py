@@ -39,9 +39,12 @@ class KVCache:
         """Where the next forward's n_new tokens per row go; rows = the slots it runs (default: all)."""
         lengths = self.lengths if rows is None else self.lengths[rows]
         positions_BT = lengths[:, None] + torch.arange(n_new, device=lengths.device)
-        span = int(positions_BT.max()) + 1  # keys needed, for every row: one host sync per forward
-        if span > self.capacity:
-            raise ValueError(f"sequence would reach {span} tokens, past the cache capacity {self.capacity}")
+        if torch.compiler.is_compiling():  # static shapes, no host sync: attend over the whole capacity
+            span = self.capacity
+        else:  # eagerly, only as far as the longest row (one host sync per forward)
+            span = int(positions_BT.max()) + 1
+            if span > self.capacity:
+                raise ValueError(f"sequence would reach {span} tokens, past the cache capacity {self.capacity}")
         visible_BTC = torch.arange(span, device=lengths.device) <= positions_BT[..., None]  # causal, per row
         return CacheStep(self, rows, positions_BT, visible_BTC[:, None], span)
 

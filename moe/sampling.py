@@ -76,9 +76,19 @@ def sample_next(logits_BV: Tensor, params: SamplingParams, generator: torch.Gene
     return sample(probabilities(logits_BV, params), generator)
 
 
+def compile_decode_step(model):
+    """The model compiled for one-token decode steps: one graph, static shapes, no host syncs."""
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
-def generate(model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield new tokens one at a time (streaming): prefill the prompt once, then decode with the cache."""
+def generate(model, prompt: list[int], params: SamplingParams, decode_step=None) -> Iterator[int]:
+    """Yield new tokens one at a time (streaming): prefill the prompt once, then decode with the cache.
+
+    `decode_step` runs the one-token steps (default: the model itself; `compile_decode_step(model)`
+    for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
+    """
+    decode_step = model if decode_step is None else decode_step
     cfg = model.cfg
     if not prompt:
         raise ValueError("empty prompt")
@@ -86,7 +96,9 @@ def generate(model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in model.max_seq_len={cfg.max_seq_len}")
     device = next(model.parameters()).device
     capacity = min(cfg.max_seq_len, len(prompt) + params.max_new_tokens)
-    cache = KVCache(cfg, slots=1, capacity=capacity, device=device, dtype=next(model.parameters()).dtype)
+    # The cache always spans the whole context: one shape for every call, so a compiled model
+    # never recompiles (eagerly, attention only reads as far as the sequence goes).
+    cache = KVCache(cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
     generator = params.generator(device)
     logits_V = model(torch.tensor([prompt], device=device), cache=cache).logits[0, -1]
     for i in range(min(params.max_new_tokens, capacity - len(prompt))):
@@ -94,7 +106,7 @@ def generate(model, prompt: list[int], params: SamplingParams) -> Iterator[int]:
         yield token
         if token in params.stop_tokens or i + 1 == capacity - len(prompt):
             return
-        logits_V = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+        logits_V = decode_step(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
 
 
 @torch.no_grad()

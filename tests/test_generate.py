@@ -229,3 +229,12 @@ def test_generate_errors_are_one_clear_line(run_dir, args, message):
     proc = generate_cli("--checkpoint", str(run_dir), *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_decode_step_compiles_to_one_graph_and_matches_eager(target):
+    from moe.sampling import compile_decode_step
+
+    torch._dynamo.reset()
+    step = compile_decode_step(target)  # fullgraph: a graph break or host sync would raise
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    assert list(generate(target, [5, 6, 7], params, step)) == list(generate(target, [5, 6, 7], params))
