@@ -220,6 +220,15 @@ def test_generate_with_a_draft_reports_acceptance(run_dir):
     assert "acceptance 100%" in proc.stderr
 
 
+def test_a_draft_with_another_vocabulary_is_one_clear_error(run_dir, tmp_path):
+    cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
+                               "model.vocab_size=384", "train.max_steps=1", "train.sample_tokens=0"])
+    Trainer(cfg, RunOptions(tmp_path / "other", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    proc = generate_cli("--checkpoint", str(run_dir), "--draft-checkpoint", str(tmp_path / "other"), "--prompt", "a")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "its tokenizer differs from" in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such/run"], "checkpoint /no/such/run: no such file or directory"),
     (["--prompt", "word " * 100], "leaves no room in model.max_seq_len=64"),
