@@ -8,7 +8,7 @@ from typing import get_args, get_type_hints
 import torch
 
 from moe import ModelConfig, MoETransformer, benchmarks
-from moe.checkpoint import load_config_from, load_for_inference, resolve_checkpoint
+from moe.checkpoint import load_config_from, load_draft_for_inference, load_for_inference, resolve_checkpoint
 from moe.cli import add_config_args, device_arg, parse_args, print_table, run, write_json
 from moe.data import prepare_data
 from moe.sampling import compile_decode_step
@@ -111,9 +111,7 @@ def inference_benchmark(args: argparse.Namespace, cfg: ModelConfig) -> int:
                                      ("slot_utilisation", "slots busy", ".0%"), ("decode_steps", "steps", "d")])
         print(f"continuous / static throughput: {result['speedup']:.2f}x")
     else:
-        draft, draft_tokenizer = load_for_inference(args.draft_checkpoint, args.device)
-        if draft_tokenizer.to_str() != tokenizer.to_str():
-            raise ValueError(f"{args.draft_checkpoint}: its tokenizer differs from {args.checkpoint}'s")
+        draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
         data = load_validation(args.checkpoint, tokenizer)
         prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
         result = benchmarks.speculative(model, draft, prompts, args.new_tokens)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 
-from moe.checkpoint import load_for_inference
+from moe.checkpoint import load_draft_for_inference, load_for_inference
 from moe.cli import device_arg, run
 from moe.engine import Engine, Request
 from moe.sampling import SamplingParams, compile_decode_step, generate
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = encode(args.prompt)
         stats = SpeculativeStats()
         if args.draft_checkpoint:
-            draft, draft_tokenizer = load_for_inference(args.draft_checkpoint, args.device)
-            if draft_tokenizer.to_str() != tokenizer.to_str():
-                raise ValueError(f"{args.draft_checkpoint}: its tokenizer differs from {args.checkpoint}'s")
+            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
             tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
         else:
             tokens = generate(model, prompt, params, decode_step)

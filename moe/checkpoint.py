@@ -151,6 +151,14 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), load_checkpoint_tokenizer(folder)
 
 
+def load_draft_for_inference(path: str | Path, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
+    """A draft model for speculative decoding: refused unless it shares the target's tokenizer."""
+    draft, draft_tokenizer = load_for_inference(path, device)
+    if draft_tokenizer.to_str() != tokenizer.to_str():
+        raise CheckpointError(f"{path}: its tokenizer differs from the target's (a draft must share it)")
+    return draft
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

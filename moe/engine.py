@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, new_token_budget, sample_next
 
 
 @dataclass
@@ -65,11 +65,10 @@ class Engine:
         self.steps: list[StepRecord] = []
 
     def submit(self, request: Request) -> None:
-        if not request.prompt:
-            raise ValueError(f"request {request.id}: empty prompt")
-        if len(request.prompt) >= self.cfg.max_seq_len:
-            raise ValueError(f"request {request.id}: prompt of {len(request.prompt)} tokens leaves no room "
-                             f"in model.max_seq_len={self.cfg.max_seq_len}")
+        try:
+            new_token_budget(request.prompt, request.params, self.cfg.max_seq_len)
+        except ValueError as e:
+            raise ValueError(f"request {request.id}: {e}") from None
         self.queue.append((request, time.perf_counter()))
 
     @torch.no_grad()

@@ -88,6 +88,10 @@ class Experts(nn.Module):
             return _grouped_mm(h_AF, w2, offs=offs_E) * gates_A[:, None]
         return _SplitSwiGLU.apply(x_AD, gates_A, w1, w3, w2, counts_E.tolist())
 
+    def expert(self, e: int, x_ND: Tensor) -> Tensor:
+        """Expert e alone on a few rows: `w2(silu(w1 x) * w3 x)` (the reference and decode use it)."""
+        return (F.silu(x_ND @ self.w1[e]) * (x_ND @ self.w3[e])) @ self.w2[e]
+
     @torch.no_grad()
     def decode(self, x_TD: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Tensor:
         """A few tokens without gradients (generation): each (token, expert) pair run directly.
@@ -99,7 +103,7 @@ class Experts(nn.Module):
         for t, (experts, gates) in enumerate(zip(experts_TK.tolist(), gates_TK.tolist())):
             x = x_TD[t : t + 1]
             for e, gate in zip(experts, gates):
-                y_TD[t] += gate * ((F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e])[0]
+                y_TD[t] += gate * self.expert(e, x)[0]
         return y_TD
 
     def decode_gathered(self, x_TD: Tensor, experts_TK: Tensor, gates_TK: Tensor) -> Tensor:
@@ -198,8 +202,7 @@ def moe_reference(x_TD: Tensor, routing: Routing, experts: Experts, capacity: in
         slot, token = torch.nonzero(routing.experts_TK.t() == e, as_tuple=True)  # slot-major
         if capacity is not None:
             slot, token = slot[:capacity], token[:capacity]
-        x = x_TD[token]
-        out = (F.silu(x @ experts.w1[e]) * (x @ experts.w3[e])) @ experts.w2[e]
+        out = experts.expert(e, x_TD[token])
         y_TD = y_TD.index_add(0, token, (out * routing.gates_TK[token, slot, None]).to(y_TD.dtype))
     return y_TD
 

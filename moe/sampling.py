@@ -6,7 +6,7 @@ Shape legend: B rows, T positions, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -76,6 +76,15 @@ def sample_next(logits_BV: Tensor, params: SamplingParams, generator: torch.Gene
     return sample(probabilities(logits_BV, params), generator)
 
 
+def new_token_budget(prompt: list[int], params: SamplingParams, context: int) -> int:
+    """How many tokens a prompt may still get: max_new_tokens, or less where the context ends."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    if len(prompt) >= context:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in model.max_seq_len={context}")
+    return min(params.max_new_tokens, context - len(prompt))
+
+
 def compile_decode_step(model):
     """The model compiled for one-token decode steps: one graph, static shapes, no host syncs."""
     return torch.compile(model, fullgraph=True, dynamic=False)
@@ -89,22 +98,17 @@ def generate(model, prompt: list[int], params: SamplingParams, decode_step=None)
     for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
     """
     decode_step = model if decode_step is None else decode_step
-    cfg = model.cfg
-    if not prompt:
-        raise ValueError("empty prompt")
-    if len(prompt) >= cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in model.max_seq_len={cfg.max_seq_len}")
+    budget = new_token_budget(prompt, params, model.cfg.max_seq_len)
     device = next(model.parameters()).device
-    capacity = min(cfg.max_seq_len, len(prompt) + params.max_new_tokens)
     # The cache always spans the whole context: one shape for every call, so a compiled model
     # never recompiles (eagerly, attention only reads as far as the sequence goes).
-    cache = KVCache(cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
     generator = params.generator(device)
     logits_V = model(torch.tensor([prompt], device=device), cache=cache).logits[0, -1]
-    for i in range(min(params.max_new_tokens, capacity - len(prompt))):
+    for i in range(budget):
         token = int(sample_next(logits_V[None], params, generator))
         yield token
-        if token in params.stop_tokens or i + 1 == capacity - len(prompt):
+        if token in params.stop_tokens or i + 1 == budget:
             return
         logits_V = decode_step(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
 
@@ -115,7 +119,7 @@ def generate_uncached(model, prompt: list[int], params: SamplingParams) -> list[
     device = next(model.parameters()).device
     generator = params.generator(device)
     tokens = list(prompt)
-    for _ in range(min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))):
+    for _ in range(new_token_budget(prompt, params, model.cfg.max_seq_len)):
         logits_V = model(torch.tensor([tokens], device=device)).logits[0, -1]
         tokens.append(int(sample_next(logits_V[None], params, generator)))
         if tokens[-1] in params.stop_tokens:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, new_token_budget, probabilities, sample
 
 
 @dataclass
@@ -49,11 +49,9 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     if k < 1:
         raise ValueError(f"speculate k={k}: must be >= 1")
     context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
-    if not prompt or len(prompt) >= context:
-        raise ValueError(f"prompt of {len(prompt)} tokens: need 1 to {context - 1}")
+    budget = new_token_budget(prompt, params, context)
     stats = stats if stats is not None else SpeculativeStats()
     device = next(target.parameters()).device
-    budget = min(params.max_new_tokens, context - len(prompt))
     capacity = min(context, len(prompt) + budget + k + 1)
     t_cache = KVCache(target.cfg, 1, capacity=min(capacity, target.cfg.max_seq_len), device=device)
     d_cache = KVCache(draft.cfg, 1, capacity=min(capacity, draft.cfg.max_seq_len), device=device)

@@ -165,8 +165,9 @@ class Trainer:
             with self.autocast():
                 out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device))
             (out.loss * (n / n_seqs)).backward()
-            for key in totals:
-                totals[key] += getattr(out, key).item() * n / n_seqs
+            values = torch.stack([getattr(out, key).detach().float() for key in totals]).tolist()  # one sync
+            for key, value in zip(totals, values):
+                totals[key] += value * n / n_seqs
             counts = [s.tokens_per_expert for s in out.router_stats]
             drops = [s.dropped for s in out.router_stats]
             expert_tokens = counts if expert_tokens is None else [a + b for a, b in zip(expert_tokens, counts)]

@@ -13,7 +13,7 @@ import torch
 
 from moe import checkpoint as ckpt
 from moe import data as data_module
-from moe.config import DataConfig, TrainConfig, load_config
+from moe.config import TrainConfig, load_config
 from moe.data import InstructData, prepare_data
 from moe.tokenizer import ASSISTANT, EOT, USER
 from moe.trainer import RunOptions, Trainer, batch_size_at, lr_at
