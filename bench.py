@@ -130,7 +130,7 @@ def load_validation(checkpoint: str, tokenizer):
     """The validation split of the data a checkpoint was trained on (for realistic prompts)."""
     folder = resolve_checkpoint(checkpoint)
     config = load_config_from(folder)
-    return prepare_data(config.data, config.model.vocab_size, config.train.seed, tokenizer)[1]
+    return prepare_data(config.data, config.model, config.train.seed, tokenizer)[1]
 
 
 if __name__ == "__main__":

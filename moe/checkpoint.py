@@ -125,12 +125,22 @@ def load_config_from(folder: Path, overrides: list[str] | tuple[str, ...] = ()) 
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
-def load_weights(folder: Path, model: torch.nn.Module) -> None:
+def load_weights(folder: Path, model: torch.nn.Module, may_lack: str | None = None) -> None:
+    """The checkpoint's weights into `model`, every one of them, shapes checked.
+
+    `may_lack`: a name prefix of parameters the checkpoint need not hold; they keep their
+    initial values (a text model's weights into a model with a new vision branch: "vision.").
+    """
     try:
-        load_model(model, str(folder / "model.safetensors"), strict=True)
-    except RuntimeError as e:  # shape or key mismatch, reported by torch on several lines
+        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+    except RuntimeError as e:  # shape mismatch, reported by torch on several lines
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{folder}: weights do not fit this model ({' '.join(l.strip() for l in first[:3])})") from None
+    missing = sorted(k for k in missing if not (may_lack and k.startswith(may_lack)))
+    if missing or unexpected:
+        problems = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
+                    for label, keys in (("missing", missing), ("unexpected", sorted(unexpected))) if keys]
+        raise CheckpointError(f"{folder}: weights do not fit this model ({'; '.join(problems)})")
 
 
 def load_trainer_state(folder: Path) -> dict:

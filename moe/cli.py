@@ -107,10 +107,15 @@ def describe_model(cfg: ModelConfig) -> str:
     with torch.device("meta"):
         model = MoETransformer(cfg)
     counts = model.param_counts()
-    return (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
+    line = (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
             f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, "
             f"top-{cfg.top_k} of {cfg.n_experts} experts), "
             f"{_count(model.flops_per_token(), 'G', 'M')}FLOP per token forward at context {cfg.max_seq_len}")
+    if cfg.vision is not None:
+        line += (f"; vision branch {_count(counts.vision)} parameters ({len(model.vision.xattn)} gated "
+                 f"cross-attention blocks, {cfg.vision.n_latents} visual tokens per image), "
+                 f"{_count(model.flops_per_image(), 'G', 'M')}FLOP per image")
+    return line
 
 
 def _count(n: int, billion: str = "B", million: str = "M") -> str:

@@ -30,6 +30,37 @@ def _require(ok: bool, message: str) -> None:
 
 
 @dataclass
+class VisionConfig:
+    """The vision branch (Flamingo-style): a ViT, a Perceiver resampler, gated cross-attention."""
+
+    image_size: int = 32  # images are resized to image_size x image_size
+    channels: int = 3  # 3: RGB, 1: grey
+    patch_size: int = 4  # (image_size / patch_size)^2 patches per image
+    d_vision: int = 128  # the encoder's and the resampler's width
+    vit_layers: int = 4
+    vit_heads: int = 4
+    n_latents: int = 8  # visual tokens per image, whatever its size
+    resampler_layers: int = 2
+    xattn_every: int = 1  # a gated cross-attention block before text layers 0, n, 2n, ...
+    max_images: int = 4  # images one sequence may hold
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "patch_size", "d_vision", "vit_layers", "vit_heads",
+                     "n_latents", "resampler_layers", "xattn_every", "max_images"):
+            value = getattr(self, name)
+            _require(value > 0, f"model.vision.{name}={value}: must be a positive integer")
+        _require(self.image_size % self.patch_size == 0,
+                 f"model.vision.image_size={self.image_size} is not divisible by "
+                 f"model.vision.patch_size={self.patch_size}")
+        _require(self.d_vision % self.vit_heads == 0,
+                 f"model.vision.d_vision={self.d_vision} is not divisible by model.vision.vit_heads={self.vit_heads}")
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
 class ModelConfig:
     """The transformer's shape. Defaults are the `small` preset (the CPU default)."""
 
@@ -56,6 +87,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # A `[model.vision]` table adds the vision branch; without one the model reads text only.
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -86,6 +119,10 @@ class ModelConfig:
         """One expert is a plain FFN: such a model is dense, with no router at all."""
         return self.n_experts > 1 and (layer + 1) % self.moe_every == 0
 
+    def has_xattn(self, layer: int) -> bool:
+        """Whether a gated cross-attention block sits before text layer `layer`."""
+        return self.vision is not None and layer % self.vision.xattn_every == 0
+
 
 @dataclass
 class DataConfig:
@@ -96,6 +133,10 @@ class DataConfig:
     sources: dict[str, float] = field(default_factory=lambda: {"docs": 2.0, "code": 4.0})
     text_field: str = "text"  # the column holding text in JSONL / Parquet files
     instruct: str = ""  # a JSONL file of {"prompt", "response"}: fine-tune on it, loss on responses only
+    # Image-caption training (needs [model.vision]): `digits`, `shapes` or `mixed` (synthetic, made on
+    # the fly), or a folder with captions.jsonl. The text sources then only train the tokenizer.
+    images: str = ""
+    caption_eval_examples: int = 256  # held-out synthetic images caption accuracy is measured on
     val_fraction: float = 0.01  # the tail of each source held out for validation
     cache_dir: str = "~/.cache/moe"  # trained tokenizers and tokenised corpora, reused across runs
     tokenizer_sample_mb: float = 8.0  # how much of the corpus trains the BPE tokenizer
@@ -106,6 +147,9 @@ class DataConfig:
             _require(math.isfinite(epochs) and epochs > 0, f"data.sources.{name}={epochs}: epochs must be > 0")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction}: must be in (0, 0.5)")
         _require(self.tokenizer_sample_mb > 0, f"data.tokenizer_sample_mb={self.tokenizer_sample_mb}: must be > 0")
+        _require(self.caption_eval_examples > 0,
+                 f"data.caption_eval_examples={self.caption_eval_examples}: must be a positive integer")
+        _require(not (self.images and self.instruct), "data.images and data.instruct exclude each other")
 
 
 @dataclass
@@ -130,6 +174,8 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_checkpoints: int = 2
     sample_tokens: int = 200  # generated at the end of the run (0 = none)
+    freeze_lm: bool = False  # train only the vision branch (Flamingo): the text model stays as it was
+    gate_lr_scale: float = 10.0  # the vision branch's tanh gates learn this many times faster
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,7 +186,7 @@ class TrainConfig:
         for name in ("ramp_tokens", "warmup_steps", "sample_tokens"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}={value}: must be >= 0")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr_scale"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, f"train.{name}={value}: must be >= 0")
         _require(self.lr > 0, f"train.lr={self.lr}: must be > 0")
@@ -235,12 +281,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key {prefix}{key}{hint}")
     kwargs = {}
     for key, value in raw.items():
-        typ = hints[key]
+        typ = _optional_dataclass(hints[key])
         if is_dataclass(typ):
-            kwargs[key] = _build(typ, value, prefix=f"{prefix}{key}.")
+            kwargs[key] = None if value is None else _build(typ, value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _check_type(f"{prefix}{key}", value, typ)
     return cls(**kwargs)
+
+
+def _optional_dataclass(typ: Any) -> Any:
+    """`VisionConfig | None` -> VisionConfig: an optional section is built when present."""
+    if get_origin(typ) is types.UnionType:
+        options = [t for t in get_args(typ) if t is not type(None)]
+        if len(options) == 1 and is_dataclass(options[0]):
+            return options[0]
+    return typ
 
 
 def _check_type(key: str, value: Any, typ: Any) -> Any:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .config import DataConfig
+from .config import DataConfig, ModelConfig
 from .tokenizer import ASSISTANT, EOT, PAD, USER, load_tokenizer, train_tokenizer
 
 BUILTIN_SOURCES = ("docs", "code")
@@ -182,6 +182,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class Batch:
     inputs: torch.Tensor  # (B, T) token ids
     targets: torch.Tensor  # (B, T) next tokens, -100 where no loss is taken
+    images: torch.Tensor | None = None  # (B, M, C, S, S) for the <|image|> tokens of image-caption data
 
 
 class PretrainData:
@@ -280,12 +281,19 @@ def document_reader(cfg: DataConfig) -> Callable[[str], list[str]]:
     return functools.cache(lambda name: read_documents(name, cfg.text_field))
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, seed: int, tokenizer: Tokenizer | None = None):
-    """(tokenizer, data): the given tokenizer or a trained/cached one; instruct or pretraining data."""
+def prepare_data(cfg: DataConfig, model: ModelConfig, seed: int, tokenizer: Tokenizer | None = None):
+    """(tokenizer, data): the given tokenizer or a trained/cached one; image-caption, instruct or
+    pretraining data."""
+    if cfg.images and model.vision is None:
+        raise ValueError(f"data.images={cfg.images!r} needs a model with a vision branch (a [model.vision] section)")
     documents = document_reader(cfg)
-    tokenizer = tokenizer or build_tokenizer(cfg, vocab_size, documents)
-    if tokenizer.get_vocab_size() != vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size={vocab_size}")
+    tokenizer = tokenizer or build_tokenizer(cfg, model.vocab_size, documents)
+    if tokenizer.get_vocab_size() != model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size={model.vocab_size}")
+    if cfg.images:
+        from .image_data import CaptionData  # here, as image_data builds on this module's Batch
+
+        return tokenizer, CaptionData(cfg, model.vision, tokenizer, seed)
     if cfg.instruct:
         return tokenizer, InstructData(cfg.instruct, tokenizer, cfg.val_fraction, seed)
     return tokenizer, PretrainData(cfg, tokenizer, documents, seed)

@@ -24,6 +24,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: int = 0
+    images: torch.Tensor | None = None  # (M, C, S, S) for the prompt's <|image|> tokens, in order
 
 
 @dataclass
@@ -97,10 +98,11 @@ class Engine:
 
     def _admit(self, slot: int, request: Request, submitted_s: float) -> None:
         """Prefill the prompt into a free slot and sample the request's first token."""
-        self.cache.lengths[slot] = 0
+        self.cache.reset(slot)
         self.running[slot] = _Running(request, request.params.generator(self.device), submitted_s=submitted_s)
         rows = torch.tensor([slot], device=self.device)
-        out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows)
+        images = None if request.images is None else request.images[None].to(self.device)
+        out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows, images=images)
         self._append(slot, out.logits[0, -1])
 
     def _append(self, slot: int, logits_V: torch.Tensor) -> None:

@@ -8,6 +8,9 @@ the cache is n_heads times smaller than multi-head attention's. Each slot has it
 so sequences of different lengths share one cache (continuous batching), and shortening a
 length is all it takes to roll a slot back (speculative decoding): entries past a slot's
 length are never attended to and are overwritten by the next write.
+
+With a vision branch the cache also keeps each slot's visual tokens, (S, max_images, L, D),
+computed once when the slot's images arrive and read by every later step.
 """
 
 from __future__ import annotations
@@ -30,10 +33,21 @@ class KVCache:
         self.k_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
         self.v_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
+        self.images_seen = torch.zeros(slots, dtype=torch.long, device=device)  # images held per slot
+        self.media_SMLD = None
+        if cfg.vision is not None:
+            media_shape = (slots, cfg.vision.max_images, cfg.vision.n_latents, cfg.d_model)
+            self.media_SMLD = torch.zeros(media_shape, device=device, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.k_LSGCD.nbytes + self.v_LSGCD.nbytes
+        media = 0 if self.media_SMLD is None else self.media_SMLD.nbytes
+        return self.k_LSGCD.nbytes + self.v_LSGCD.nbytes + media
+
+    def reset(self, slot: int) -> None:
+        """Empty a slot for a new sequence."""
+        self.lengths[slot] = 0
+        self.images_seen[slot] = 0
 
     def step(self, n_new: int, rows: Tensor | None = None) -> CacheStep:
         """Where the next forward's n_new tokens per row go; rows = the slots it runs (default: all)."""
@@ -48,11 +62,30 @@ class KVCache:
         visible_BTC = torch.arange(span, device=lengths.device) <= positions_BT[..., None]  # causal, per row
         return CacheStep(self, rows, positions_BT, visible_BTC[:, None], span)
 
-    def advance(self, n: int | Tensor, rows: Tensor | None = None) -> None:
+    def advance(self, n: int | Tensor, rows: Tensor | None = None, images: Tensor | None = None) -> None:
+        """n more tokens (and `images` (B,) more images) held by each row's slot."""
         if rows is None:
             self.lengths += n
+            if images is not None:
+                self.images_seen += images
         else:
             self.lengths[rows] += n
+            if images is not None:
+                self.images_seen[rows] += images
+
+    def store_media(self, media_BMLD: Tensor, count_B: Tensor, rows: Tensor | None = None) -> None:
+        """Keep the first count_B[b] visual tokens sets of row b after the images its slot holds."""
+        slots = range(media_BMLD.shape[0]) if rows is None else rows.tolist()
+        for b, (slot, count) in enumerate(zip(slots, count_B.tolist())):
+            start = int(self.images_seen[slot])
+            if start + count > self.media_SMLD.shape[1]:
+                raise ValueError(f"slot {slot} would hold {start + count} images, "
+                                 f"past model.vision.max_images={self.media_SMLD.shape[1]}")
+            self.media_SMLD[slot, start:start + count] = media_BMLD[b, :count].to(self.media_SMLD.dtype)
+
+    def media_for(self, rows: Tensor | None = None) -> Tensor:
+        """(B, max_images, L, D): the visual tokens of the rows' slots."""
+        return self.media_SMLD if rows is None else self.media_SMLD[rows]
 
 
 class CacheStep(NamedTuple):

@@ -5,6 +5,8 @@ Shape legend: B batch, T time, D model dim, V vocabulary, E experts, K experts p
 Architecture (exactly Mixtral's, so checkpoints export to transformers and match its logits):
 token embedding -> n_layers x [x + attn(rmsnorm(x)); x + ffn(rmsnorm(x))] -> rmsnorm -> lm_head,
 where ffn is a top-k mixture of SwiGLU experts on MoE layers and one SwiGLU elsewhere.
+With a `[model.vision]` config, gated cross-attention to the images (`vision.py`) runs before
+every `xattn_every`-th layer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .attention import Attention, rope_tables
 from .config import ModelConfig
 from .experts import MoE, MoEOutput, RouterStats, SwiGLU
 from .kv_cache import CacheStep, KVCache
+from .norm import RMSNorm
+from .vision import IMAGE_ID, VisionBranch, media_index
 
 
 class ModelOutput(NamedTuple):
@@ -39,21 +43,9 @@ class ParamCounts(NamedTuple):
     dense_ffn: int  # FFNs of non-MoE layers
     router: int
     norm: int
+    vision: int  # the vision branch: encoder, resampler, gated cross-attention (0 without one)
     total: int
     active: int  # used by one token: experts count k / E
-
-
-class RMSNorm(nn.Module):
-    """`weight * x / rms(x)`, computed in fp32 whatever the input dtype (as Mixtral does)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -84,27 +76,37 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.vision = VisionBranch(cfg) if cfg.vision is not None else None
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """N(0, init_std); projections into the residual stream scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        """N(0, init_std); projections into the residual stream scaled by 1/sqrt(2 n_layers) (GPT-2);
+        norms 1; the vision branch's gates 0, so it starts as the identity, and its encoder as a ViT's."""
         residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("_gate"):
+                p.zero_()
             elif name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")):
                 p.normal_(0.0, residual_std)
             else:
                 p.normal_(0.0, self.cfg.init_std)
+        if self.vision is not None:
+            self.vision.init_encoder_weights()
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                rows: Tensor | None = None) -> ModelOutput:
+                rows: Tensor | None = None, images: Tensor | None = None) -> ModelOutput:
         """Logits for every position of `tokens` (B, T); with `targets` (B, T; -100 = ignore),
         the loss and its parts.
 
         With a `cache`, the tokens continue the sequences it holds (its slots `rows`, default all):
         they attend to the cached keys and values, theirs are added, and the lengths advance.
+
+        `images` (B, M, C, S, S), values in [0, 1], go with the <|image|> tokens of `tokens`, in
+        order (a row with fewer tokens than M pads the rest). With a cache their visual tokens
+        are computed once, kept in the cache, and seen by every later token of the row.
         """
         B, T = tokens.shape
         kv = None
@@ -119,15 +121,19 @@ class MoETransformer(nn.Module):
         if kv is not None:
             cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # every row at its own positions
 
+        media = self._media(tokens, images, cache, rows)
         x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            xattn = self.vision.xattn_before(i) if media is not None else None
+            if xattn is not None:
+                x_BTD = xattn(x_BTD, *media)
             x_BTD, moe = block(x_BTD, cos, sin, kv, with_losses=targets is not None)
             if moe is not None:
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if cache is not None:
-            cache.advance(T, rows)
+            cache.advance(T, rows, images=(tokens == IMAGE_ID).sum(dim=1))
 
         stats = [m.stats for m in moe_outputs]
         if targets is None:
@@ -139,13 +145,32 @@ class MoETransformer(nn.Module):
         loss = ce + self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z_loss
         return ModelOutput(logits_BTV, loss, ce, balance, z_loss, stats)
 
+    def _media(self, tokens_BT: Tensor, images: Tensor | None, cache: KVCache | None,
+               rows: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(visual tokens (B, M, L, D), the image each token sees (B, T)) for the gated
+        cross-attention, or None when there is nothing to see."""
+        if self.vision is None:
+            if images is not None:
+                raise ValueError("images given, but this model has no vision branch (no [model.vision] in its config)")
+            return None
+        media_BMLD = None if images is None else self.vision.media_for(tokens_BT, images)
+        if cache is None:
+            return None if media_BMLD is None else (media_BMLD, media_index(tokens_BT))
+        # Cached: a row's visual tokens are stored once, at its prefill, and read at every step.
+        before_B = cache.images_seen if rows is None else cache.images_seen[rows]
+        if media_BMLD is not None:
+            cache.store_media(media_BMLD, (tokens_BT == IMAGE_ID).sum(dim=1), rows)
+        return cache.media_for(rows), media_index(tokens_BT, before_B)
+
     # ---- accounting -------------------------------------------------------------------------
 
     def param_counts(self) -> ParamCounts:
         """Parameters by kind (works on the `meta` device: only shapes are read)."""
-        counts = dict.fromkeys(("embedding", "attention", "experts", "dense_ffn", "router", "norm"), 0)
+        counts = dict.fromkeys(("embedding", "attention", "experts", "dense_ffn", "router", "norm", "vision"), 0)
         for name, p in self.named_parameters():  # tied weights are listed once
-            if name.startswith(("tok_emb", "lm_head")):
+            if name.startswith("vision."):
+                kind = "vision"
+            elif name.startswith(("tok_emb", "lm_head")):
                 kind = "embedding"
             elif ".attn." in name:
                 kind = "attention"
@@ -162,16 +187,24 @@ class MoETransformer(nn.Module):
         active = total - counts["experts"] * (self.cfg.n_experts - self.cfg.top_k) // self.cfg.n_experts
         return ParamCounts(**counts, total=total, active=active)
 
-    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> int:
+    def flops_per_token(self, seq_len: int | None = None, training: bool = False, vision: bool = False) -> int:
         """Matmul FLOPs per token (PaLM appendix B, as nanoGPT and torchtitan count them).
 
         Forward: 2 per active matmul weight (experts count k / E; the output head always counts,
         the embedding lookup never) plus 4 * n_layers * n_heads * head_dim * seq_len for
-        attention scores and values. Training (forward + backward) is 3x that.
+        attention scores and values. Training (forward + backward) is 3x that. The vision
+        branch's share, for a token that sees an image, is counted when `vision=True`.
         """
         cfg, counts = self.cfg, self.param_counts()
         seq_len = seq_len or cfg.max_seq_len
         head = cfg.vocab_size * cfg.d_model
-        matmul = counts.active - counts.norm - counts.embedding + head
+        matmul = counts.active - counts.norm - counts.embedding - counts.vision + head
         forward = 2 * matmul + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        if vision and self.vision is not None:
+            forward += self.vision.flops_per_token()
+        return 3 * forward if training else forward
+
+    def flops_per_image(self, training: bool = False) -> int:
+        """Matmul FLOPs to encode one image into the keys and values the text attends to."""
+        forward = self.vision.flops_per_image() if self.vision is not None else 0
         return 3 * forward if training else forward

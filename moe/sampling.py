@@ -91,11 +91,14 @@ def compile_decode_step(model):
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], params: SamplingParams, decode_step=None) -> Iterator[int]:
+def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
+             images: Tensor | None = None) -> Iterator[int]:
     """Yield new tokens one at a time (streaming): prefill the prompt once, then decode with the cache.
 
     `decode_step` runs the one-token steps (default: the model itself; `compile_decode_step(model)`
     for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
+    `images` (M, C, S, S) go with the prompt's <|image|> tokens: they are encoded once, at the
+    prefill, and the cache keeps their visual tokens for every decode step.
     """
     decode_step = model if decode_step is None else decode_step
     budget = new_token_budget(prompt, params, model.cfg.max_seq_len)
@@ -104,7 +107,8 @@ def generate(model, prompt: list[int], params: SamplingParams, decode_step=None)
     # never recompiles (eagerly, attention only reads as far as the sequence goes).
     cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
     generator = params.generator(device)
-    logits_V = model(torch.tensor([prompt], device=device), cache=cache).logits[0, -1]
+    images = None if images is None else images[None].to(device)
+    logits_V = model(torch.tensor([prompt], device=device), cache=cache, images=images).logits[0, -1]
     for i in range(budget):
         token = int(sample_next(logits_V[None], params, generator))
         yield token
@@ -114,13 +118,14 @@ def generate(model, prompt: list[int], params: SamplingParams, decode_step=None)
 
 
 @torch.no_grad()
-def generate_uncached(model, prompt: list[int], params: SamplingParams) -> list[int]:
-    """The same tokens as `generate`, re-running the whole sequence every step: the baseline."""
+def generate_uncached(model, prompt: list[int], params: SamplingParams, images: Tensor | None = None) -> list[int]:
+    """The same tokens as `generate`, re-running the whole sequence (and its images) every step: the baseline."""
     device = next(model.parameters()).device
     generator = params.generator(device)
     tokens = list(prompt)
+    images = None if images is None else images[None].to(device)
     for _ in range(new_token_budget(prompt, params, model.cfg.max_seq_len)):
-        logits_V = model(torch.tensor([tokens], device=device)).logits[0, -1]
+        logits_V = model(torch.tensor([tokens], device=device), images=images).logits[0, -1]
         tokens.append(int(sample_next(logits_V[None], params, generator)))
         if tokens[-1] in params.stop_tokens:
             break

@@ -22,11 +22,13 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .benchmarks import matmul_peak
-from .config import Config, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 from .data import prepare_data
+from .image_data import CaptionData, caption_accuracy
 from .model import MoETransformer
 from .sampling import SamplingParams, generate
 from .tokenizer import EOT
+from .vision import IMAGE_ID
 
 
 @dataclass
@@ -67,12 +69,17 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         source = options.resume_from or options.init_from
         tokenizer = ckpt.load_checkpoint_tokenizer(source) if source else None
-        self.tokenizer, self.data = prepare_data(config.data, mcfg.vocab_size, self.cfg.seed, tokenizer)
+        self.tokenizer, self.data = prepare_data(config.data, mcfg, self.cfg.seed, tokenizer)
 
         torch.manual_seed(self.cfg.seed)
         self.model = MoETransformer(mcfg)
-        if source:
-            ckpt.load_weights(source, self.model)
+        if source:  # a text checkpoint may start a vision run: the new branch keeps its initial weights
+            ckpt.load_weights(source, self.model, may_lack="vision." if options.init_from else None)
+        if self.cfg.freeze_lm:
+            if self.model.vision is None:
+                raise ConfigError("train.freeze_lm=true: the model has no vision branch to train (add [model.vision])")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("vision."))
         self.model.to(self.device)
         self.forward = torch.compile(self.model) if options.compile else self.model
         self.optimizer = self._make_optimizer()
@@ -85,15 +92,23 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.step, self.tokens_seen, self.sequences_drawn = state["step"], state["tokens_seen"], state["sequences_drawn"]
         self.seq_len = mcfg.max_seq_len
-        self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True)
+        self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True, vision=bool(config.data.images))
+        self.flops_per_image = self.model.flops_per_image(training=True)
         self.peak_flops = options.peak_flops or matmul_peak(self.device)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]  # matrices and expert stacks
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norm weights
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        gates = [p for name, p in trainable.items() if name.endswith("_gate")]
+        decay = [p for p in trainable.values() if p.dim() >= 2]  # matrices and expert stacks
+        no_decay = [p for name, p in trainable.items() if p.dim() < 2 and not name.endswith("_gate")]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if gates:
+            # The vision gates start at 0, where the sign of every gradient behind them flips with
+            # theirs; at the common rate they hover there and the branch learns nothing for hundreds
+            # of steps. Adam moves a parameter about lr a step, so they get a larger rate.
+            groups.append({"params": gates, "weight_decay": 0.0, "lr_scale": self.cfg.gate_lr_scale})
         betas = (self.cfg.beta1, self.cfg.beta2)
         try:
             return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, fused=True)
@@ -133,19 +148,19 @@ class Trainer:
             evaluation = self.evaluate(bar)
         summary = {"type": "summary", "steps": self.step, "tokens_seen": self.tokens_seen,
                    "wall_s": time.perf_counter() - started, **evaluation,
-                   "tokens_per_s": whole.tokens_per_s, "mfu": self.mfu(whole.tokens_per_s),
+                   "tokens_per_s": whole.tokens_per_s, "mfu": self.mfu(whole),
                    "peak_flops": self.peak_flops, "run_dir": str(self.out)}
         self.write(summary)
         return summary
 
-    def mfu(self, tokens_per_s: float | None) -> float | None:
-        return tokens_per_s and self.flops_per_token * tokens_per_s / self.peak_flops
+    def mfu(self, meter: Meter) -> float | None:
+        return meter.seconds and meter.flops / meter.seconds / self.peak_flops
 
     def log(self, record: dict, interval: Meter, bar: tqdm) -> None:
         log = {"type": "train", "step": self.step, "loss": interval.loss / interval.steps,
                **{k: record[k] for k in ("ce_loss", "balance_loss", "z_loss", "lr", "batch_size")},
                "tokens_seen": self.tokens_seen, "tokens_per_s": interval.tokens_per_s,
-               "mfu": self.mfu(interval.tokens_per_s), **expert_load(interval.expert_tokens, record["dropped"])}
+               "mfu": self.mfu(interval), **expert_load(interval.expert_tokens, record["dropped"])}
         self.write(log)
         bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{log['tokens_per_s']:.0f}", mfu=f"{log['mfu']:.0%}",
                         refresh=False)
@@ -156,14 +171,18 @@ class Trainer:
         n_seqs = batch_size_at(self.tokens_seen, cfg)
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         totals = {"loss": 0.0, "ce_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
-        expert_tokens, dropped = None, None
+        expert_tokens, dropped, n_images = None, None, 0
         for first in range(0, n_seqs, cfg.micro_batch_size):
             n = min(cfg.micro_batch_size, n_seqs - first)
             batch = self.data.batch(self.sequences_drawn + first, n, self.seq_len)
+            images = None
+            if batch.images is not None:
+                images = batch.images.to(self.device, non_blocking=True)
+                n_images += int((batch.inputs == IMAGE_ID).sum())
             with self.autocast():
-                out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device))
+                out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device), images=images)
             (out.loss * (n / n_seqs)).backward()
             values = torch.stack([getattr(out, key).detach().float() for key in totals]).tolist()  # one sync
             for key, value in zip(totals, values):
@@ -179,7 +198,8 @@ class Trainer:
         self.step += 1
         self.sequences_drawn += n_seqs
         self.tokens_seen += n_seqs * self.seq_len
-        return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len,
+        flops = n_seqs * self.seq_len * self.flops_per_token + n_images * self.flops_per_image
+        return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len, "flops": flops,
                 "expert_tokens": [c.cpu() for c in expert_tokens], "dropped": [int(d) for d in dropped]}
 
     @torch.no_grad()
@@ -190,17 +210,25 @@ class Trainer:
         for i in range(self.cfg.eval_batches):
             n = self.cfg.micro_batch_size
             batch = self.data.batch(i * n, n, self.seq_len, split="val")
+            images = None if batch.images is None else batch.images.to(self.device)
             with self.autocast():
-                out = self.model(batch.inputs.to(self.device), batch.targets.to(self.device))
+                out = self.model(batch.inputs.to(self.device), batch.targets.to(self.device), images=images)
             counted = int((batch.targets != -100).sum())
             total += out.ce_loss.item() * counted
             weight += counted
-        self.model.train()
         val_loss = total / weight
         result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.data.bytes_per_token}
+        message = f"step {self.step}: val loss {val_loss:.4f}, {result['val_bpb']:.3f} bits per byte"
+        if isinstance(self.data, CaptionData):
+            with self.autocast():
+                result["caption_acc"] = caption_accuracy(self.model, self.data.held_out, self.data)
+                result["caption_acc_blank"] = caption_accuracy(self.model, self.data.held_out, self.data, blank=True)
+            message += (f", caption accuracy {result['caption_acc']:.1%} on {len(self.data.held_out)} held-out "
+                        f"images ({result['caption_acc_blank']:.1%} with blank images)")
+        self.model.train()
         self.write({"type": "eval", "step": self.step, **result})
         if bar is not None:
-            bar.write(f"step {self.step}: val loss {val_loss:.4f}, {result['val_bpb']:.3f} bits per byte")
+            bar.write(message)
         return result
 
     def save(self) -> Path:
@@ -212,11 +240,21 @@ class Trainer:
                                     self.cfg.keep_checkpoints)
 
     def sample(self, max_new_tokens: int, prompt: str = "") -> str:
-        """Text generated from the model (from the start of a document when there is no prompt)."""
-        start = [self.tokenizer.token_to_id(EOT), *self.tokenizer.encode(prompt).ids]
+        """Text generated from the model (from the start of a document when there is no prompt);
+        for image-caption data, greedy captions of a few held-out images beside the truth."""
         eot = self.tokenizer.token_to_id(EOT)
-        params = SamplingParams(max_new_tokens, temperature=0.8, top_k=50, stop_tokens=(eot,), seed=self.cfg.seed)
         self.model.eval()
+        if isinstance(self.data, CaptionData):
+            params = SamplingParams(max_new_tokens, temperature=0, stop_tokens=(eot,))
+            lines = []
+            for image, caption in self.data.held_out[:8]:
+                with self.autocast():
+                    tokens = list(generate(self.model, [eot, IMAGE_ID], params, images=image[None]))
+                lines.append(f"{caption!r:>24} -> {self.tokenizer.decode(tokens)!r}")
+            self.model.train()
+            return "held-out image's caption -> the model's (greedy)\n" + "\n".join(lines)
+        start = [eot, *self.tokenizer.encode(prompt).ids]
+        params = SamplingParams(max_new_tokens, temperature=0.8, top_k=50, stop_tokens=(eot,), seed=self.cfg.seed)
         with self.autocast():
             tokens = list(generate(self.model, start, params))
         self.model.train()
@@ -228,15 +266,16 @@ class Trainer:
 
 
 class Meter:
-    """Sums over a span of steps: time, tokens, loss and tokens per expert."""
+    """Sums over a span of steps: time, tokens, FLOPs, loss and tokens per expert."""
 
     def __init__(self):
-        self.seconds, self.tokens, self.loss, self.steps = 0.0, 0, 0.0, 0
+        self.seconds, self.tokens, self.flops, self.loss, self.steps = 0.0, 0, 0, 0.0, 0
         self.expert_tokens: list[torch.Tensor] = []
 
     def add(self, record: dict, seconds: float) -> None:
         self.seconds += seconds
         self.tokens += record["tokens"]
+        self.flops += record["flops"]
         self.loss += record["loss"]
         self.steps += 1
         counts = record["expert_tokens"]

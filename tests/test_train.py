@@ -48,7 +48,7 @@ def test_batch_size_ramps_linearly_with_tokens_seen():
 
 def test_tokenised_corpus_is_cached_and_reused(cache_dir, monkeypatch):
     cfg = tiny_config(cache_dir)
-    tokenizer, first = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    tokenizer, first = prepare_data(cfg.data, cfg.model, seed=0)
     cached = sorted(Path(cache_dir).rglob("*.npy")) + sorted(Path(cache_dir).rglob("bpe-*.json"))
     stamps = [p.stat().st_mtime_ns for p in cached]
 
@@ -56,7 +56,7 @@ def test_tokenised_corpus_is_cached_and_reused(cache_dir, monkeypatch):
         raise AssertionError("the corpus was read again")
 
     monkeypatch.setattr(data_module, "read_documents", no_reading)
-    tokenizer2, second = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    tokenizer2, second = prepare_data(cfg.data, cfg.model, seed=0)
     assert tokenizer2.to_str() == tokenizer.to_str()
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert torch.equal(first.batch(0, 4, 32).inputs, second.batch(0, 4, 32).inputs)
@@ -64,7 +64,7 @@ def test_tokenised_corpus_is_cached_and_reused(cache_dir, monkeypatch):
 
 def test_batches_are_packed_windows_with_shifted_targets(cache_dir):
     cfg = tiny_config(cache_dir)
-    tokenizer, data = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    tokenizer, data = prepare_data(cfg.data, cfg.model, seed=0)
     batch = data.batch(10, 4, 48)
     assert batch.inputs.shape == batch.targets.shape == (4, 48)
     assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
@@ -76,7 +76,7 @@ def test_batches_are_packed_windows_with_shifted_targets(cache_dir):
 
 def test_instruction_loss_is_masked_to_the_response(cache_dir, tmp_path):
     cfg = tiny_config(cache_dir)
-    tokenizer, _ = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    tokenizer, _ = prepare_data(cfg.data, cfg.model, seed=0)
     file = tmp_path / "chat.jsonl"
     file.write_text('{"prompt": "add 2 and 3", "response": "5"}\n{"prompt": "hi", "response": "hello"}\n')
     data = InstructData(file, tokenizer, val_fraction=0.1)
@@ -91,7 +91,7 @@ def test_instruction_loss_is_masked_to_the_response(cache_dir, tmp_path):
 
 def test_bad_instruction_file_is_a_clear_error(cache_dir, tmp_path):
     cfg = tiny_config(cache_dir)
-    tokenizer, _ = prepare_data(cfg.data, cfg.model.vocab_size, seed=0)
+    tokenizer, _ = prepare_data(cfg.data, cfg.model, seed=0)
     file = tmp_path / "bad.jsonl"
     file.write_text('{"prompt": "a", "response": "b"}\n{"question": "c"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with \"prompt\" and \"response\""):
