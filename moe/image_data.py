@@ -62,10 +62,14 @@ def render_shape(rng: np.random.Generator, side: int, say_where: bool = False) -
     name = list(COLOURS)[colour]
     fill = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[name])
     image = Image.new("RGB", (side, side), tuple(int(c) for c in rng.integers(0, 60, 3)))
-    half = side // 2
-    r = int(rng.integers(side // 8, side // 4 - 1 + 1))  # half the shape's width
-    cx = int(rng.integers(r, half - r + 1)) + half * (quadrant % 2)
-    cy = int(rng.integers(r, half - r + 1)) + half * (quadrant // 2)
+    if say_where:  # inside its quadrant
+        half = side // 2
+        r = int(rng.integers(side // 8, side // 4))  # half the shape's width
+        cx = int(rng.integers(r, half - r + 1)) + half * (quadrant % 2)
+        cy = int(rng.integers(r, half - r + 1)) + half * (quadrant // 2)
+    else:  # large, anywhere
+        r = int(rng.integers(side // 5, side // 3 + 1))
+        cx, cy = (int(rng.integers(r, side - r + 1)) for _ in range(2))
     draw = ImageDraw.Draw(image)
     box = (cx - r, cy - r, cx + r - 1, cy + r - 1)
     if SHAPES[shape] == "circle":
