@@ -133,7 +133,8 @@ class MoETransformer(nn.Module):
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if cache is not None:
-            cache.advance(T, rows, images=(tokens == IMAGE_ID).sum(dim=1))
+            new_images = None if self.vision is None else (tokens == IMAGE_ID).sum(dim=1)
+            cache.advance(T, rows, images=new_images)
 
         stats = [m.stats for m in moe_outputs]
         if targets is None:
