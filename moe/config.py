@@ -133,8 +133,8 @@ class DataConfig:
     sources: dict[str, float] = field(default_factory=lambda: {"docs": 2.0, "code": 4.0})
     text_field: str = "text"  # the column holding text in JSONL / Parquet files
     instruct: str = ""  # a JSONL file of {"prompt", "response"}: fine-tune on it, loss on responses only
-    # Image-caption training (needs [model.vision]): `digits`, `shapes` or `mixed` (synthetic, made on
-    # the fly), or a folder with captions.jsonl. The text sources then only train the tokenizer.
+    # Image-caption training (needs [model.vision]): `digits`, `shapes`, `scenes` or `mixed` (synthetic,
+    # made on the fly), or a folder with captions.jsonl. The text sources then only train the tokenizer.
     images: str = ""
     caption_eval_examples: int = 256  # held-out synthetic images caption accuracy is measured on
     val_fraction: float = 0.01  # the tail of each source held out for validation

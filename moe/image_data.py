@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from .config import DataConfig, VisionConfig
 from .data import Batch
 from .tokenizer import EOT, IMAGE, PAD
+from .vision import NO_VISION
 
 SYNTHETIC_TASKS = ("digits", "shapes", "scenes", "mixed")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -118,7 +119,7 @@ def prompt_with_images(tokenizer: Tokenizer, text: str, image_paths: list[str | 
     if not image_paths:
         return [eot, *ids], None
     if cfg is None:
-        raise ValueError("images given, but this model has no vision branch (no [model.vision] in its config)")
+        raise ValueError(NO_VISION)
     markers = ids.count(image_id)
     if markers == 0:
         ids = [image_id] * len(image_paths) + ids

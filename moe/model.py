@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .experts import MoE, MoEOutput, RouterStats, SwiGLU
 from .kv_cache import CacheStep, KVCache
 from .norm import RMSNorm
-from .vision import IMAGE_ID, VisionBranch, media_index
+from .vision import IMAGE_ID, NO_VISION, VisionBranch, media_index
 
 
 class ModelOutput(NamedTuple):
@@ -121,7 +121,9 @@ class MoETransformer(nn.Module):
         if kv is not None:
             cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # every row at its own positions
 
-        media = self._media(tokens, images, cache, rows)
+        # <|image|> tokens per row in this forward: what the cache stores and counts for each row
+        new_images_B = None if self.vision is None else (tokens == IMAGE_ID).sum(dim=1)
+        media = self._media(tokens, images, cache, rows, new_images_B)
         x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
@@ -133,8 +135,7 @@ class MoETransformer(nn.Module):
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         if cache is not None:
-            new_images = None if self.vision is None else (tokens == IMAGE_ID).sum(dim=1)
-            cache.advance(T, rows, images=new_images)
+            cache.advance(T, rows, images=new_images_B)
 
         stats = [m.stats for m in moe_outputs]
         if targets is None:
@@ -147,12 +148,12 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits_BTV, loss, ce, balance, z_loss, stats)
 
     def _media(self, tokens_BT: Tensor, images: Tensor | None, cache: KVCache | None,
-               rows: Tensor | None) -> tuple[Tensor, Tensor] | None:
+               rows: Tensor | None, new_images_B: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """(visual tokens (B, M, L, D), the image each token sees (B, T)) for the gated
         cross-attention, or None when there is nothing to see."""
         if self.vision is None:
             if images is not None:
-                raise ValueError("images given, but this model has no vision branch (no [model.vision] in its config)")
+                raise ValueError(NO_VISION)
             return None
         media_BMLD = None if images is None else self.vision.media_for(tokens_BT, images)
         if cache is None:
@@ -160,7 +161,7 @@ class MoETransformer(nn.Module):
         # Cached: a row's visual tokens are stored once, at its prefill, and read at every step.
         before_B = cache.images_seen if rows is None else cache.images_seen[rows]
         if media_BMLD is not None:
-            cache.store_media(media_BMLD, (tokens_BT == IMAGE_ID).sum(dim=1), rows)
+            cache.store_media(media_BMLD, new_images_B, rows)
         return cache.media_for(rows), media_index(tokens_BT, before_B)
 
     # ---- accounting -------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .tokenizer import IMAGE, SPECIAL_TOKENS
 
 IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)  # special tokens have fixed ids in every vocabulary
 COSINE_SCALE = 10.0  # initial logit scale of cosine attention
+NO_VISION = "images given, but this model has no vision branch (no [model.vision] in its config)"
 
 
 def media_index(tokens_BT: Tensor, images_before_B: Tensor | None = None) -> Tensor:
