@@ -176,6 +176,9 @@ class TrainConfig:
     sample_tokens: int = 200  # generated at the end of the run (0 = none)
     freeze_lm: bool = False  # train only the vision branch (Flamingo): the text model stays as it was
     gate_lr_scale: float = 10.0  # the vision branch's tanh gates learn this many times faster
+    # The ViT and the resampler keep their random initial weights for this many steps, while the
+    # cross-attention learns to read their (already informative) features; see Trainer.train_step.
+    encoder_hold_steps: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -183,7 +186,7 @@ class TrainConfig:
                      "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}={value}: must be a positive integer")
-        for name in ("ramp_tokens", "warmup_steps", "sample_tokens"):
+        for name in ("ramp_tokens", "warmup_steps", "sample_tokens", "encoder_hold_steps"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}={value}: must be >= 0")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr_scale"):

@@ -83,6 +83,8 @@ class Trainer:
         self.model.to(self.device)
         self.forward = torch.compile(self.model) if options.compile else self.model
         self.optimizer = self._make_optimizer()
+        self.encoder_params = [p for name, p in self.model.named_parameters()
+                               if name.startswith(("vision.encoder.", "vision.resampler.")) and p.requires_grad]
         self.step = self.tokens_seen = self.sequences_drawn = 0
         if options.resume_from:
             state = ckpt.load_trainer_state(options.resume_from)
@@ -94,6 +96,7 @@ class Trainer:
         self.seq_len = mcfg.max_seq_len
         self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True, vision=bool(config.data.images))
         self.flops_per_image = self.model.flops_per_image(training=True)
+        self.flops_per_held_image = self.model.flops_per_image(training=False)  # no backward through the encoder
         self.peak_flops = options.peak_flops or matmul_peak(self.device)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
 
@@ -172,6 +175,14 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        # Behind gates at 0 the encoder's gradients are noise, and Adam turns noise into full-size
+        # steps: trained from the first step, the ViT and resampler lose most of what their random
+        # features show (a linear probe reads colour and shape from them far better at step 0 than
+        # at step 300) and captioning stalls for hundreds of steps. Held still (and skipped by the
+        # backward pass) until the branch has learned to read them, they then train on real signal.
+        held = self.step < cfg.encoder_hold_steps
+        for p in self.encoder_params:
+            p.requires_grad_(not held)
         totals = {"loss": 0.0, "ce_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         expert_tokens, dropped, n_images = None, None, 0
         for first in range(0, n_seqs, cfg.micro_batch_size):
@@ -198,7 +209,8 @@ class Trainer:
         self.step += 1
         self.sequences_drawn += n_seqs
         self.tokens_seen += n_seqs * self.seq_len
-        flops = n_seqs * self.seq_len * self.flops_per_token + n_images * self.flops_per_image
+        flops = n_seqs * self.seq_len * self.flops_per_token
+        flops += n_images * (self.flops_per_held_image if held else self.flops_per_image)
         return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len, "flops": flops,
                 "expert_tokens": [c.cpu() for c in expert_tokens], "dropped": [int(d) for d in dropped]}
 

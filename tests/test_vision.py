@@ -225,7 +225,7 @@ def test_vision_training_from_a_text_checkpoint_with_the_text_model_frozen(cache
                                 "train.max_steps=2", "train.sample_tokens=0"])
     Trainer(text, RunOptions(tmp_path / "text", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
     source = ckpt.resolve_checkpoint(tmp_path / "text")
-    cfg = vision_config(cache_dir, "train.max_steps=3", "train.freeze_lm=true")
+    cfg = vision_config(cache_dir, "train.max_steps=3", "train.freeze_lm=true", "train.encoder_hold_steps=1")
     trainer = Trainer(cfg, RunOptions(tmp_path / "vision", torch.device("cpu"), init_from=source, peak_flops=1e11,
                                       quiet=True))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -242,6 +242,24 @@ def test_vision_training_from_a_text_checkpoint_with_the_text_model_frozen(cache
         Trainer(load_config("tiny", [f"data.cache_dir={json.dumps(cache_dir)}", "data.sources={docs = 1}",
                                      "train.freeze_lm=true"]),
                 RunOptions(tmp_path / "x", torch.device("cpu"), peak_flops=1e11, quiet=True))
+
+
+def test_the_encoder_is_held_at_its_initial_weights_for_encoder_hold_steps(cache_dir, tmp_path):
+    cfg = vision_config(cache_dir, "train.max_steps=3", "train.encoder_hold_steps=2")
+    trainer = Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True))
+    model = trainer.model
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def changed() -> set[str]:
+        return {k.split(".")[1] for k, v in model.state_dict().items() if k.startswith("vision.")
+                and not torch.equal(v, initial[k])}
+
+    trainer.train_step()
+    trainer.train_step()
+    assert changed() == {"xattn"}  # the cross-attention learns; the encoder and resampler are as they were
+    assert model.vision.encoder.patch.weight.grad is None  # and the backward pass skipped them
+    trainer.train_step()
+    assert changed() == {"xattn", "encoder", "resampler"}
 
 
 def test_caption_pairs_are_read_from_a_folder(cache_dir, tmp_path):
