@@ -1,17 +1,43 @@
-"""Benchmarks. `python bench.py --help` lists them; each prints a table, `--json PATH` saves it."""
+"""Benchmarks and the cost model. Each command prints a table; `--json PATH` saves the figures and,
+with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the curve that matters.
+
+  machine      this machine's roofline: peak matmul FLOP/s and memory bandwidth
+  decode       prefill and decode tokens/s across batch sizes and prompt lengths, latency
+               percentiles, MFU and MBU against `machine`, KV-cache bytes for MQA / GQA / MHA
+  experts      tokens per expert per decode step at each batch size, against uniform routing
+  batching     static vs continuous batching on a long-tailed workload
+  speculative  speculative vs plain greedy decoding at batch 1..8, against the closed form
+  costmodel    the analytic cost model for a config on a GPU (or this CPU), and --claims:
+               the reference design's arithmetic checked from configs/gpt4.toml
+  moe-layer    one MoE layer, forward + backward, against its dense compute floor
+  train-step   forward + backward + AdamW of the whole model: tokens/s
+
+Examples:
+  python bench.py machine
+  python bench.py decode --checkpoint runs/small --plot decode.png
+  python bench.py experts --batch-sizes 1,8,64
+  python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
+  python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
+  python bench.py costmodel --claims
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 from typing import get_args, get_type_hints
 
 import torch
 
-from moe import ModelConfig, MoETransformer, benchmarks
+from moe import ModelConfig, MoETransformer, benchmarks, costmodel
 from moe.checkpoint import load_config_from, load_draft_for_inference, load_for_inference, resolve_checkpoint
 from moe.cli import add_config_args, device_arg, parse_args, print_table, run, write_json
+from moe.config import load_config
 from moe.data import prepare_data
 from moe.sampling import compile_decode_step
+
+INFERENCE = ("decode", "experts", "batching", "speculative")
 
 
 def impl_list(text: str) -> tuple[str, ...]:
@@ -23,107 +49,201 @@ def impl_list(text: str) -> tuple[str, ...]:
     return impls
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
 
-    p1 = sub.add_parser("moe-layer", help="one MoE layer, forward+backward, against its dense compute floor")
-    p1.add_argument("--tokens", type=int, default=2048, help="tokens through the layer (default 2048)")
-    p1.add_argument("--iters", type=int, default=30, help="timed calls of each contender, taking turns (default 30)")
-    p1.add_argument("--impls", type=impl_list, default="auto,grouped_mm,loop",
+
+def int_list(text: str) -> tuple[int, ...]:
+    """`1,2,4` -> (1, 2, 4), each >= 1."""
+    return tuple(positive_int(x) for x in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = lambda name, text: sub.add_parser(name, help=text, description=text)  # noqa: E731
+
+    p = add("machine", "peak matmul FLOP/s (fp32 on CPU, bf16 on CUDA) and memory bandwidth (a large copy)")
+    commands = {"machine": p}
+
+    p = add("decode", "prefill and decode tokens/s, latency, MFU and MBU across batch sizes and prompt lengths")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64), help="default 1,2,4,...,64")
+    p.add_argument("--prompt-lens", type=int_list, default=(16, 128), help="default 16,128")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps per run (default 32)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time batch-1 decoding with the step compiled by torch.compile (~15 s here)")
+    commands["decode"] = p
+
+    p = add("experts", "tokens per expert per layer at every decode step, per batch size, against uniform routing")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64), help="default 1,2,4,...,64")
+    p.add_argument("--prompt-len", type=positive_int, default=16)
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps per batch size (default 32)")
+    commands["experts"] = p
+
+    p = add("batching", "static vs continuous batching of greedy requests with long-tailed output lengths")
+    p.add_argument("--requests", type=positive_int, default=64)
+    p.add_argument("--slots", type=positive_int, default=8)
+    commands["batching"] = p
+
+    p = add("speculative", "speculative vs plain greedy decoding with a draft model, at batch 1..8")
+    p.add_argument("--draft-checkpoint", required=True, help="a smaller model sharing the tokenizer")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8), help="default 1,2,4,8")
+    p.add_argument("-k", type=positive_int, default=4, help="tokens drafted per round (default 4)")
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--prompts", type=positive_int, default=8, help="validation windows used as prompts (default 8)")
+    commands["speculative"] = p
+
+    p = add("costmodel", "the analytic cost model (no measurement): parameters, FLOPs, bytes, KV cache, "
+                         "roofline time, tokens/s, MFU, GPUs, dollars; --claims checks the reference design")
+    p.add_argument("--claims", action="store_true", help="the reference design's claims, from configs/gpt4.toml")
+    p.add_argument("--hardware", default="h100-sxm", choices=[*costmodel.HARDWARE, "cpu"],
+                   help="a GPU's datasheet figures, or cpu: this machine, measured (default h100-sxm)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--context", type=positive_int, default=None, help="tokens of context (default model.max_seq_len)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--bytes-per-param", type=float, default=2, help="2 for bf16, 1 for fp8/int8 (default 2)")
+    p.add_argument("--dollars-per-hour", type=float, default=None, help="per device (default: the table's)")
+    p.add_argument("--train-tokens", type=float, default=None, help="also price training on this many tokens")
+    p.add_argument("--devices", type=positive_int, default=None, help="devices for training (default tp x pp)")
+    p.add_argument("--mfu", type=float, default=0.35, help="training MFU assumed (default 0.35)")
+    commands["costmodel"] = p
+
+    p = add("moe-layer", "one MoE layer, forward+backward, against its dense compute floor")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens through the layer (default 2048)")
+    p.add_argument("--iters", type=positive_int, default=30, help="timed calls of each contender, taking turns")
+    p.add_argument("--impls", type=impl_list, default="auto,grouped_mm,loop",
                    help="comma-separated expert implementations to time (auto, grouped_mm, split, loop); "
                         "the first is the one reported as ratio_to_floor (default: auto,grouped_mm,loop)")
+    commands["moe-layer"] = p
 
-    p2 = sub.add_parser("train-step", help="forward+backward+AdamW of the whole model: tokens/s")
-    p2.add_argument("--batch-size", type=int, default=8)
-    p2.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
-    p2.add_argument("--iters", type=int, default=10)
+    p = add("train-step", "forward+backward+AdamW of the whole model: tokens/s")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=None, help="default: model.max_seq_len")
+    p.add_argument("--iters", type=positive_int, default=10)
+    commands["train-step"] = p
 
-    p3 = sub.add_parser("decode", help="batch-1 decoding tokens/s with and without the KV cache, latency")
-    p3.add_argument("--new-tokens", type=int, default=128)
-    p3.add_argument("--compile", action="store_true", help="torch.compile the decode step (~15 s to compile here)")
-    p4 = sub.add_parser("batching", help="static vs continuous batching on a long-tailed workload")
-    p4.add_argument("--requests", type=int, default=64)
-    p4.add_argument("--slots", type=int, default=8)
-    p5 = sub.add_parser("speculative", help="plain vs speculative batch-1 decoding with a draft model")
-    p5.add_argument("--draft-checkpoint", required=True, help="a smaller model sharing the tokenizer")
-    p5.add_argument("--new-tokens", type=int, default=128)
-    p5.add_argument("--prompts", type=int, default=4, help="validation windows used as prompts (default 4)")
-    for p in (p3, p4):
-        p.add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights of --config)")
-    p5.add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
-
-    for p in (p1, p2, p3, p4, p5):
+    for name in ("decode", "experts", "batching"):
+        commands[name].add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights)")
+    commands["speculative"].add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
+    for name, p in commands.items():
         add_config_args(p)
         p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args, config = parse_args(parser, argv)
-    device, cfg = args.device, config.model
-    if args.command in ("decode", "batching", "speculative"):
-        return inference_benchmark(args, cfg)
+        if name in ("decode", "experts", "speculative"):
+            p.add_argument("--plot", metavar="PNG", help="also draw the results (needs the plot extra)")
+    return parser
 
-    if args.command == "moe-layer":
-        result = benchmarks.moe_layer(cfg, args.tokens, args.iters, device, args.impls)
-        result["matmul_peak_gflops"] = benchmarks.matmul_peak(device) / 1e9
-        shape = result["shape"]
-        print(f"MoE layer fwd+bwd on {device} ({result['threads']} threads): {shape['tokens']} tokens, "
-              f"D={shape['d_model']} F={shape['d_ff']} E={shape['n_experts']} k={shape['top_k']}, "
-              f"{result['expert_gflop_per_step']:.2f} GFLOP of expert matmuls")
-        print_table(result["rows"], [("name", "run", "s"), ("ms", "ms", ".1f"),
-                                     ("gflops", "GFLOP/s", ".1f"), ("ratio_to_floor", "x floor", ".3f")])
-        print(f"ratio_to_floor ({args.impls[0]} -> {result['impl']}): {result['ratio_to_floor']:.3f}; "
-              f"measured matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s")
-    else:
-        result = benchmarks.train_step(cfg, args.batch_size, args.seq_len, args.iters, device)
-        print(f"train step on {device} ({result['threads']} threads): batch {result['batch_size']} x "
-              f"{result['seq_len']}, {result['params_total'] / 1e6:.1f} M params "
-              f"({result['params_active'] / 1e6:.1f} M active)")
-        print(f"{result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
-              f"{result['achieved_gflops']:.1f} GFLOP/s achieved")
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(build_parser(), argv)
+    result = COMMANDS[args.command](args, config.model)
     write_json(args.json, result)
     return 0
 
 
-def inference_benchmark(args: argparse.Namespace, cfg: ModelConfig) -> int:
+# ---- commands -----------------------------------------------------------------------------------
+
+def machine(args, cfg: ModelConfig) -> dict:
+    result = benchmarks.machine(args.device)
+    print(f"{result['device']} ({result['threads']} threads, {result['dtype']}): matmul "
+          f"{result['matmul_flops'] / 1e9:,.0f} GFLOP/s, memory {result['bandwidth'] / 1e9:,.1f} GB/s, "
+          f"ridge {result['ridge_flops_per_byte']:.1f} FLOP/byte (below it a kernel is bandwidth-bound)")
+    return result
+
+
+def load_model(args, cfg: ModelConfig):
     torch.manual_seed(0)
-    if args.checkpoint:
-        model, tokenizer = load_for_inference(args.checkpoint, args.device)
-    else:
-        model, tokenizer = MoETransformer(cfg).to(args.device).eval(), None
-    where = args.checkpoint or f"random weights, {args.config}"
-    if args.command == "decode":
-        step = compile_decode_step(model) if args.compile else None
-        result = benchmarks.decode(model, new_tokens=args.new_tokens, decode_step=step)
-        lat = result["token_to_token_ms"]
-        cached = "with the KV cache" + (", compiled" if args.compile else "")
-        print(f"batch-1 decode ({where}): {result['cached_tokens_per_s']:.0f} tokens/s {cached}, "
-              f"{result['uncached_tokens_per_s']:.0f} without; first token {result['first_token_ms']:.1f} ms; "
-              f"token-to-token p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms")
-        print("KV cache at full context, batch 1: " + ", ".join(
-            f"{k.upper()} {v / 1024:.0f} KiB" for k, v in result["kv_cache_bytes_full_context"].items()))
-    elif args.command == "batching":
-        result = benchmarks.batching(model, args.requests, args.slots)
-        lengths = result["output_lengths"]
-        print(f"{result['requests']} greedy requests ({where}), output lengths {lengths['min']}-{lengths['max']} "
-              f"(median {lengths['median']}), {result['slots']} slots:")
-        print_table(result["rows"], [("mode", "batching", "s"), ("tokens_per_s", "tokens/s", ".0f"),
-                                     ("mean_latency_s", "mean latency s", ".2f"), ("p99_latency_s", "p99 s", ".2f"),
-                                     ("slot_utilisation", "slots busy", ".0%"), ("decode_steps", "steps", "d")])
-        print(f"continuous / static throughput: {result['speedup']:.2f}x")
-    else:
-        draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
-        data = load_validation(args.checkpoint, tokenizer)
-        prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
-        result = benchmarks.speculative(model, draft, prompts, args.new_tokens)
-        print(f"greedy batch-1 decoding, target {result['target_params'] / 1e6:.1f} M params "
-              f"({result['target_active'] / 1e6:.1f} M active), draft {result['draft_params'] / 1e6:.1f} M "
-              f"({result['draft_active'] / 1e6:.1f} M active), {len(prompts)} prompts x {args.new_tokens} tokens:")
-        rows = [{**r, "acceptance": "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}",
-                 "k": "plain" if r["k"] == 0 else f"k={r['k']}"} for r in result["rows"]]
-        print_table(rows, [("k", "decoding", "s"), ("tokens_per_s", "tokens/s", ".0f"), ("acceptance", "accepted", "s"),
-                           ("tokens_per_target_forward", "tokens/target fwd", ".2f"), ("speedup", "speedup", ".2f")])
-    write_json(args.json, result)
-    return 0
+    if getattr(args, "checkpoint", None):
+        return (*load_for_inference(args.checkpoint, args.device), args.checkpoint)
+    return MoETransformer(cfg).to(args.device).eval(), None, f"random weights of {args.config}"
+
+
+def decode(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    peaks = benchmarks.machine(args.device)
+    result, _ = benchmarks.decode_sweep(model, peaks, args.batch_sizes, args.prompt_lens, args.new_tokens)
+    print(f"greedy decoding, {where} ({model.param_counts().active / 1e6:.1f} M active parameters), "
+          f"{args.new_tokens} steps per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+          f"{peaks['bandwidth'] / 1e9:.1f} GB/s")
+    print_table(result["rows"], [("prompt_len", "prompt", "d"), ("batch", "batch", "d"),
+                                 ("prefill_tokens_per_s", "prefill tok/s", ",.0f"),
+                                 ("decode_tokens_per_s", "decode tok/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
+                                 ("p90_ms", "p90 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"), ("gflops", "GFLOP/s", ".1f"),
+                                 ("mfu", "MFU", ".1%"), ("gbytes_per_s", "GB/s", ".2f"), ("mbu", "MBU", ".1%")])
+    print("KV cache at the full context, per sequence: " + ", ".join(
+        f"{k.upper()} {v / 1024:,.0f} KiB" for k, v in result["kv_cache_bytes_full_context"].items()))
+    if args.compile:
+        step = compile_decode_step(model)
+        compiled = benchmarks.decode(model, new_tokens=args.new_tokens, decode_step=step)
+        eager = benchmarks.decode(model, new_tokens=args.new_tokens)
+        result["batch1_compiled"], result["batch1_eager"] = compiled, eager
+        print(f"batch 1, compiled decode step: {compiled['cached_tokens_per_s']:.0f} tokens/s "
+              f"(eager {eager['cached_tokens_per_s']:.0f}; without the KV cache {eager['uncached_tokens_per_s']:.0f})")
+    if args.plot:
+        plot_decode(args.plot, result)
+    return result
+
+
+def experts(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    if model.cfg.n_experts == 1:
+        raise ValueError(f"{where}: a dense model (model.n_experts=1) has no experts to count")
+    peaks = {"matmul_flops": 1.0, "bandwidth": 1.0}  # only the routing is read here
+    _, routing = benchmarks.decode_sweep(model, peaks, args.batch_sizes, (args.prompt_len,), args.new_tokens)
+    result = benchmarks.expert_load(model.cfg, routing)
+    E, k = model.cfg.n_experts, model.cfg.top_k
+    print(f"tokens per expert per MoE layer at each of {args.new_tokens} decode steps, {where}, top-{k} of {E}")
+    print_table(result["rows"], [("batch", "batch", "d"), ("min", "min", "d"), ("mean", "mean", ".2f"),
+                                 ("max", "max", "d"), ("idle_share", "idle", ".1%"),
+                                 ("distinct", "distinct experts", ".2f"),
+                                 ("distinct_uniform", "uniform E(1-(1-k/E)^B)", ".2f")])
+    if args.plot:
+        plot_experts(args.plot, result)
+    return result
+
+
+def batching(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    result = benchmarks.batching(model, args.requests, args.slots)
+    lengths = result["output_lengths"]
+    print(f"{result['requests']} greedy requests ({where}), output lengths {lengths['min']}-{lengths['max']} "
+          f"(median {lengths['median']}), {result['slots']} slots:")
+    print_table(result["rows"], [("mode", "batching", "s"), ("tokens_per_s", "tokens/s", ".0f"),
+                                 ("mean_latency_s", "mean latency s", ".2f"), ("p99_latency_s", "p99 s", ".2f"),
+                                 ("slot_utilisation", "slots busy", ".0%"), ("decode_steps", "steps", "d")])
+    print(f"continuous / static throughput: {result['speedup']:.2f}x")
+    return result
+
+
+def speculative(args, cfg: ModelConfig) -> dict:
+    target, tokenizer, where = load_model(args, cfg)
+    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
+    data = load_validation(args.checkpoint, tokenizer)
+    prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
+    result = benchmarks.speculative_sweep(target, draft, prompts, args.batch_sizes, args.new_tokens, args.k)
+    result.update(target_active=target.param_counts().active, draft_active=draft.param_counts().active)
+    print(f"greedy decoding, {args.new_tokens} tokens per row, k = {args.k}: target {where} "
+          f"({result['target_active'] / 1e6:.1f} M active), draft {args.draft_checkpoint} "
+          f"({result['draft_active'] / 1e6:.1f} M active)")
+    print_table(result["rows"], [("batch", "batch", "d"), ("acceptance", "accepted", ".0%"),
+                                 ("tokens_per_target_forward", "tok/target fwd", ".2f"),
+                                 ("closed_form_tokens_per_forward", "(1-a^(k+1))/(1-a)", ".2f"),
+                                 ("draft_cost_ratio", "c", ".2f"), ("verify_cost_ratio", "verify / step", ".2f"),
+                                 ("speedup", "speedup", ".2f"), ("closed_form_speedup", "closed form", ".2f"),
+                                 ("costed_speedup", "costed", ".2f"), ("matches_greedy", "= greedy", "")])
+    print("closed form: (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a and c (a draft step / a target step) measured;\n"
+          "it assumes checking k + 1 tokens costs one target step. costed: tokens per target forward / "
+          "((k + 1) c + verify), the costs as they were (this draft runs k + 1 steps a round)")
+    if args.plot:
+        plot_speculative(args.plot, result)
+    return result
 
 
 def load_validation(checkpoint: str, tokenizer):
@@ -131,6 +251,139 @@ def load_validation(checkpoint: str, tokenizer):
     folder = resolve_checkpoint(checkpoint)
     config = load_config_from(folder)
     return prepare_data(config.data, config.model, config.train.seed, tokenizer)[1]
+
+
+def cost_model(args, cfg: ModelConfig) -> dict:
+    if args.claims:
+        rows = costmodel.claims(load_config("gpt4").model)
+        for i, row in enumerate(rows, 1):
+            print(f"{i}. {row['claim']}\n   ours: {row['figure']}\n   verdict: {row['verdict']}")
+        return {"benchmark": "claims", "rows": rows}
+    hw = this_cpu(args.device) if args.hardware == "cpu" else costmodel.HARDWARE[args.hardware]
+    if args.dollars_per_hour is not None:
+        hw = dataclasses.replace(hw, dollars_per_hour=args.dollars_per_hour)
+    context = args.context or cfg.max_seq_len
+    p = costmodel.param_counts(cfg)
+    step = costmodel.decode_step(cfg, hw, args.batch, context, args.tp, args.pp, args.bytes_per_param)
+    result = {"benchmark": "costmodel", "hardware": dataclasses.asdict(hw), "params": dataclasses.asdict(p),
+              "flops_per_token": {"prefill": costmodel.flops_per_token(cfg, context),
+                                  "decode": costmodel.flops_per_token(cfg, context),
+                                  "training": costmodel.flops_per_token(cfg, context, training=True)},
+              "kv_cache_bytes": costmodel.kv_cache_bytes(cfg, args.batch, context), "decode": step}
+    print(f"{args.config} on {args.tp} x {args.pp} {hw.name} ({hw.flops / 1e12:,.0f} TFLOP/s, "
+          f"{hw.bandwidth / 1e12:.2f} TB/s, {hw.memory / 1e9:.0f} GB, ${hw.dollars_per_hour}/h), "
+          f"batch {args.batch}, context {context}, {args.bytes_per_param:g} bytes per parameter")
+    print(f"parameters: {p.total:,} total, {p.active:,} active per token "
+          f"(attention {p.attention:,}, experts {p.experts:,}, embeddings {p.embedding:,})")
+    print(f"FLOPs per token: {costmodel.flops_per_token(cfg, context):,} forward at context {context} "
+          f"(x3 = {result['flops_per_token']['training']:,} training)")
+    print(f"decode step: {step['flops']:.3g} FLOP, {step['weight_bytes']:.3g} weight bytes + {step['kv_bytes']:.3g} "
+          f"KV-cache bytes ({step['intensity']:.1f} FLOP/byte against a ridge of {hw.ridge:.0f}: {step['bound']}-bound)")
+    print(f"roofline: {step['step_s'] * 1e3:.3f} ms per step, {step['tokens_per_s_per_user']:,.1f} tokens/s per "
+          f"user, {step['tokens_per_s']:,.0f} tokens/s in all, MFU {step['mfu']:.1%}; "
+          f"{step['devices_for_memory']} devices needed for memory; ${step['dollars_per_1k_tokens']:.6f} per 1k tokens")
+    if args.train_tokens:
+        devices = args.devices or args.tp * args.pp
+        train = costmodel.training_cost(cfg, args.train_tokens, hw, devices, args.mfu, context)
+        result["training"] = train
+        print(f"training on {args.train_tokens:.3g} tokens: {train['flops']:.3g} FLOP, {train['device_days']:,.0f} "
+              f"device-days at {args.mfu:.0%} MFU ({train['days']:,.1f} days on {devices}), "
+              f"${train['dollars']:,.0f}")
+    return result
+
+
+def this_cpu(device) -> costmodel.Hardware:
+    measured = benchmarks.machine(device)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return costmodel.Hardware(f"this {device} (measured)", measured["matmul_flops"], measured["bandwidth"], memory, 0.0)
+
+
+def moe_layer(args, cfg: ModelConfig) -> dict:
+    result = benchmarks.moe_layer(cfg, args.tokens, args.iters, args.device, args.impls)
+    result["matmul_peak_gflops"] = benchmarks.matmul_peak(args.device) / 1e9
+    shape = result["shape"]
+    print(f"MoE layer fwd+bwd on {args.device} ({result['threads']} threads): {shape['tokens']} tokens, "
+          f"D={shape['d_model']} F={shape['d_ff']} E={shape['n_experts']} k={shape['top_k']}, "
+          f"{result['expert_gflop_per_step']:.2f} GFLOP of expert matmuls")
+    print_table(result["rows"], [("name", "run", "s"), ("ms", "ms", ".1f"),
+                                 ("gflops", "GFLOP/s", ".1f"), ("ratio_to_floor", "x floor", ".3f")])
+    print(f"ratio_to_floor ({args.impls[0]} -> {result['impl']}): {result['ratio_to_floor']:.3f}; "
+          f"measured matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s")
+    return result
+
+
+def train_step(args, cfg: ModelConfig) -> dict:
+    result = benchmarks.train_step(cfg, args.batch_size, args.seq_len, args.iters, args.device)
+    print(f"train step on {args.device} ({result['threads']} threads): batch {result['batch_size']} x "
+          f"{result['seq_len']}, {result['params_total'] / 1e6:.1f} M params "
+          f"({result['params_active'] / 1e6:.1f} M active)")
+    print(f"{result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
+          f"{result['achieved_gflops']:.1f} GFLOP/s achieved")
+    return result
+
+
+COMMANDS = {"machine": machine, "decode": decode, "experts": experts, "batching": batching,
+            "speculative": speculative, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step}
+
+
+# ---- plots (the `plot` extra) ---------------------------------------------------------------
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_decode(path: str, result: dict) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for prompt in sorted({r["prompt_len"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["prompt_len"] == prompt]
+        batches = [r["batch"] for r in rows]
+        left.plot(batches, [r["decode_tokens_per_s"] for r in rows], "o-", label=f"prompt {prompt}")
+        right.plot(batches, [r["mbu"] for r in rows], "o-", label=f"MBU, prompt {prompt}")
+        right.plot(batches, [r["mfu"] for r in rows], "s--", label=f"MFU, prompt {prompt}")
+    for ax, label in ((left, "decode tokens/s"), (right, "share of the machine's peak")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.legend()
+    save(plt, fig, path)
+
+
+def plot_experts(path: str, result: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    batches = [r["batch"] for r in result["rows"]]
+    ax.plot(batches, [r["distinct"] for r in result["rows"]], "o", label="measured")
+    ax.plot(batches, [r["distinct_uniform"] for r in result["rows"]], "-", label="uniform: E(1-(1-k/E)^B)")
+    ax.set(xscale="log", xlabel="batch size", ylabel="distinct experts per layer per step")
+    ax.legend()
+    save(plt, fig, path)
+
+
+def plot_speculative(path: str, result: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    batches = [r["batch"] for r in result["rows"]]
+    ax.plot(batches, [r["speedup"] for r in result["rows"]], "o-", label="measured")
+    ax.plot(batches, [r["closed_form_speedup"] for r in result["rows"]], "s--", label="closed form")
+    ax.plot(batches, [r["costed_speedup"] for r in result["rows"]], "^:", label="costed (verify as measured)")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(xlabel="batch size", ylabel="speedup over plain decoding")
+    ax.legend()
+    save(plt, fig, path)
 
 
 if __name__ == "__main__":

@@ -138,15 +138,34 @@ def train_step(cfg: ModelConfig, batch_size: int = 8, seq_len: int | None = None
     }
 
 
-def matmul_peak(device: torch.device | str = "cpu", n: int = 2048, iters: int = 5) -> float:
+def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters: int = 5) -> float:
     """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against."""
     dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)  # large enough to reach the peak on each
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
     a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
     return 2 * n**3 / seconds
+
+
+def memory_bandwidth(device: torch.device | str = "cpu", mib: int = 256, iters: int = 5) -> float:
+    """Measured memory bytes/s: a copy of `mib` MiB, far larger than any cache, reads and writes each byte."""
+    dev = torch.device(device)
+    src = torch.ones(mib * 2**20 // 4, device=dev)
+    dst = torch.empty_like(src)
+    seconds = median_times({"copy": lambda: dst.copy_(src)}, dev, iters)["copy"]
+    return 2 * src.nbytes / seconds
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """The roofline of this machine: peak matmul FLOP/s and memory bandwidth, and their ratio."""
+    dev = torch.device(device)
+    flops, bandwidth = matmul_peak(dev), memory_bandwidth(dev)
+    return {"benchmark": "machine", "device": str(dev), "threads": torch.get_num_threads(),
+            "dtype": "bfloat16" if dev.type == "cuda" else "float32",
+            "matmul_flops": flops, "bandwidth": bandwidth, "ridge_flops_per_byte": flops / bandwidth}
 
 
 # ---- inference ------------------------------------------------------------------------------
@@ -232,31 +251,205 @@ def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict
             "rows": rows, "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
 
 
+# ---- decode across batch sizes, and the experts each step touches ----------------------------
+
 @torch.no_grad()
-def speculative(target, draft, prompts: list[list[int]], new_tokens: int = 128, ks: tuple[int, ...] = (2, 4)) -> dict:
-    """Batch-1 greedy decoding, plain vs speculative with a draft, on the same prompts."""
-    from .sampling import SamplingParams, generate
-    from .speculative import SpeculativeStats, speculative_generate
+def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, generator: torch.Generator) -> dict:
+    """Prefill `batch` random prompts, then greedy-decode `new_tokens` steps: timings and routing."""
+    from .kv_cache import KVCache
 
-    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    list(generate(target, prompts[0], SamplingParams(max_new_tokens=8, temperature=0)))  # warm up
+    cfg, device = model.cfg, next(model.parameters()).device
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed model.max_seq_len={cfg.max_seq_len}")
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    cache = KVCache(cfg, batch, capacity=prompt_len + new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    sync(device)
+    start = time.perf_counter()
+    logits = model(prompts, cache=cache).logits[:, -1]
+    sync(device)
+    prefill_s, step_s, counts = time.perf_counter() - start, [], []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        out = model(logits.argmax(-1, keepdim=True), cache=cache)
+        logits = out.logits[:, -1]
+        sync(device)
+        step_s.append(time.perf_counter() - start)
+        counts.append(torch.stack([s.tokens_per_expert for s in out.router_stats]).cpu() if out.router_stats else None)
+    return {"prefill_s": prefill_s, "step_s": step_s, "counts": counts}
 
-    def timed(run) -> tuple[float, int]:
-        start, n = time.perf_counter(), 0
-        for prompt in prompts:
-            n += sum(1 for _ in run(prompt))
-        return time.perf_counter() - start, n
 
-    plain_s, plain_n = timed(lambda p: generate(target, p, greedy))
-    rows = [{"k": 0, "tokens_per_s": plain_n / plain_s, "acceptance": None, "tokens_per_target_forward": 1.0,
-             "speedup": 1.0}]
-    for k in ks:
-        stats = SpeculativeStats()
-        seconds, n = timed(lambda p: speculative_generate(target, draft, p, greedy, k, stats))
-        rows.append({"k": k, "tokens_per_s": n / seconds, "acceptance": stats.acceptance_rate,
-                     "tokens_per_target_forward": stats.tokens_per_target_forward,
-                     "speedup": (n / seconds) / rows[0]["tokens_per_s"]})
-    return {"benchmark": "speculative", "prompts": len(prompts), "new_tokens": new_tokens,
-            "target_params": target.param_counts().total, "draft_params": draft.param_counts().total,
-            "target_active": target.param_counts().active, "draft_active": draft.param_counts().active,
-            "rows": rows}
+@torch.no_grad()
+def decode_sweep(model, peaks: dict, batch_sizes=(1, 2, 4, 8, 16, 32, 64), prompt_lens=(16, 128),
+                 new_tokens: int = 32, seed: int = 0) -> tuple[dict, dict]:
+    """Prefill and decode tokens/s at each batch size and prompt length, token-to-token latency,
+    and the FLOP/s and bytes/s achieved against the machine's peaks (`machine()`).
+
+    Bytes per decode step count what a step must read: every weight but the experts, the experts
+    some token actually routed to (measured per layer), and the batch's whole KV cache.
+    Returns the figures and, per batch size at the first prompt length, the tokens each expert
+    got at each step, (steps, MoE layers, E), for `expert_load`.
+    """
+    from . import costmodel
+
+    cfg = model.cfg
+    longest = max(prompt_lens) + new_tokens
+    if longest > cfg.max_seq_len:  # before measuring anything
+        raise ValueError(f"prompt {max(prompt_lens)} + {new_tokens} new tokens exceed model.max_seq_len={cfg.max_seq_len}")
+    element = next(model.parameters()).element_size()
+    kv_token = costmodel.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, element)
+    generator = torch.Generator().manual_seed(seed)
+    _decode_run(model, 1, 8, 4, generator)  # warm up
+    rows, routing = [], {}
+    for prompt_len in prompt_lens:
+        for batch in batch_sizes:
+            run = _decode_run(model, batch, prompt_len, new_tokens, generator)
+            flops = bytes_ = 0.0
+            for i, counts in enumerate(run["counts"]):
+                context = prompt_len + i + 1
+                flops += batch * costmodel.flops_per_token(cfg, context)
+                read = 0 if counts is None else int((counts > 0).sum())
+                bytes_ += costmodel.weight_bytes(cfg, read, element) + batch * context * kv_token
+            seconds = sum(run["step_s"])
+            latency = _percentiles([s * 1e3 for s in run["step_s"]])
+            rows.append({
+                "prompt_len": prompt_len, "batch": batch,
+                "prefill_tokens_per_s": batch * prompt_len / run["prefill_s"],
+                "decode_tokens_per_s": batch * new_tokens / seconds,
+                "p50_ms": latency["p50"], "p90_ms": latency["p90"], "p99_ms": latency["p99"],
+                "gflops": flops / seconds / 1e9, "gbytes_per_s": bytes_ / seconds / 1e9,
+                "mfu": flops / seconds / peaks["matmul_flops"], "mbu": bytes_ / seconds / peaks["bandwidth"],
+            })
+            if prompt_len == prompt_lens[0] and run["counts"][0] is not None:
+                routing[batch] = torch.stack(run["counts"])  # (steps, layers, E)
+    kv_full = {name: costmodel.kv_cache_bytes(dataclasses.replace(cfg, n_kv_heads=g), 1, cfg.max_seq_len, element)
+               for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
+    result = {"benchmark": "decode", "new_tokens": new_tokens, "rows": rows, "kv_cache_bytes_full_context": kv_full,
+              "matmul_flops": peaks["matmul_flops"], "bandwidth": peaks["bandwidth"]}
+    return result, routing
+
+
+def expert_load(cfg, routing: dict) -> dict:
+    """Per decode step and MoE layer, tokens per expert at each batch size: min / mean / max, the
+    share of experts idle, distinct experts touched against E * (1 - (1 - k/E)^B)."""
+    from . import costmodel
+
+    rows = []
+    for batch, counts in routing.items():  # counts (steps, layers, E)
+        touched = (counts > 0).sum(-1).double()
+        rows.append({
+            "batch": batch, "min": int(counts.min()), "mean": counts.double().mean().item(), "max": int(counts.max()),
+            "idle_share": (counts == 0).double().mean().item(),
+            "distinct": touched.mean().item(), "distinct_min": int(touched.min()), "distinct_max": int(touched.max()),
+            "distinct_uniform": costmodel.expected_experts(cfg.n_experts, cfg.top_k, batch),
+        })
+    return {"benchmark": "experts", "n_experts": cfg.n_experts, "top_k": cfg.top_k, "rows": rows}
+
+
+# ---- speculative decoding at batch 1..8 -------------------------------------------------------
+
+@torch.no_grad()
+def speculative_batch(target, draft, prompts_BP: torch.Tensor, new_tokens: int, k: int) -> dict:
+    """Greedy speculative decoding of a batch in lock step, against plain greedy decoding of it.
+
+    Every round, the draft proposes k tokens for each row (k forwards of (B, 1), plus one that
+    only feeds x_k, so every row's draft cache ends where its target cache does and the next
+    round starts from one pending token per row), the target checks all of them in one (B, k + 1)
+    forward, and each row keeps its agreeing prefix plus the target's own next token, its caches
+    cut back to that by its own length. A row that has its `new_tokens` stops growing but, in
+    lock step, still rides along. The tokens equal plain greedy decoding's, row by row.
+
+    `acceptance` is the per-token rate a of the closed forms: of the drafted tokens the target
+    examined (up to and including a row's first rejection), the share it accepted.
+    """
+    from .kv_cache import KVCache
+
+    device = next(target.parameters()).device
+    B, P = prompts_BP.shape
+    capacity = P + new_tokens + 2 * (k + 1)
+    for model in (target, draft):
+        if capacity > model.cfg.max_seq_len:
+            raise ValueError(f"prompt {P} + {new_tokens} new tokens + 2(k + 1) exceed model.max_seq_len="
+                             f"{model.cfg.max_seq_len}")
+    prompts_BP = prompts_BP.to(device)
+
+    # plain greedy decoding, the baseline
+    cache = KVCache(target.cfg, B, capacity=capacity, device=device)
+    logits = target(prompts_BP, cache=cache).logits[:, -1]
+    plain = []
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        plain.append(logits.argmax(-1, keepdim=True))
+        logits = target(plain[-1], cache=cache).logits[:, -1]
+    sync(device)
+    plain_s = time.perf_counter() - start
+
+    t_cache, d_cache = (KVCache(m.cfg, B, capacity=capacity, device=device) for m in (target, draft))
+    target(prompts_BP[:, :-1], cache=t_cache)
+    draft(prompts_BP[:, :-1], cache=d_cache)
+    last_B1 = prompts_BP[:, -1:]
+    out = [[] for _ in range(B)]
+    rounds = row_rounds = examined = accepted = emitted = 0
+    draft_s = verify_s = 0.0
+    while min(map(len, out)) < new_tokens:
+        done_B = torch.tensor([len(o) >= new_tokens for o in out], device=device)
+        start = time.perf_counter()
+        x_B1, drafted = last_B1, []
+        for i in range(k + 1):
+            logits = draft(x_B1, cache=d_cache).logits[:, -1]
+            if i < k:
+                x_B1 = logits.argmax(-1, keepdim=True)
+                drafted.append(x_B1)
+        drafted_BK = torch.cat(drafted, dim=1)
+        sync(device)
+        middle = time.perf_counter()
+        choice_BK1 = target(torch.cat((last_B1, drafted_BK), dim=1), cache=t_cache).logits.argmax(-1)
+        sync(device)
+        draft_s, verify_s = draft_s + middle - start, verify_s + time.perf_counter() - middle
+        agree_BK = (choice_BK1[:, :k] == drafted_BK).long().cumprod(dim=1)
+        n_B = agree_BK.sum(dim=1)
+        extra_B1 = choice_BK1.gather(1, n_B[:, None])  # the target's token at the first disagreement, or a bonus
+        drop_B = torch.where(done_B, k + 1, k - n_B)  # a finished row keeps nothing of this round
+        t_cache.lengths -= drop_B
+        d_cache.lengths -= drop_B
+        last_B1 = torch.where(done_B[:, None], last_B1, extra_B1)
+        for b in range(B):
+            if not done_B[b]:
+                out[b] += [*drafted_BK[b, :n_B[b]].tolist(), int(extra_B1[b])]
+        live_n = n_B[~done_B]
+        rounds += 1
+        row_rounds += len(live_n)
+        accepted += int(live_n.sum())
+        examined += int(live_n.sum() + (live_n < k).sum())  # each accepted token, and the one rejected
+        emitted += int(live_n.sum()) + len(live_n)
+    spec_s = draft_s + verify_s
+    plain_tokens = torch.cat(plain, dim=1).tolist()
+    return {
+        "batch": B, "k": k, "plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
+        "acceptance": accepted / examined, "rounds": rounds,
+        "tokens_per_target_forward": emitted / row_rounds,  # per row, while it runs
+        "draft_cost_ratio": draft_s / (k + 1) / rounds / (plain_s / new_tokens),  # c: one draft step / one target step
+        "verify_cost_ratio": verify_s / rounds / (plain_s / new_tokens),  # checking k + 1 tokens / one step
+        "matches_greedy": all(o[:new_tokens] == p for o, p in zip(out, plain_tokens)),
+    }
+
+
+def speculative_sweep(target, draft, prompts: list[list[int]], batch_sizes=(1, 2, 4, 8), new_tokens: int = 64,
+                      k: int = 4) -> dict:
+    """`speculative_batch` at each batch size, beside the closed form (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
+    from .costmodel import speculative_speedup, tokens_per_target_forward
+
+    P = min(map(len, prompts))
+    rows = []
+    speculative_batch(target, draft, torch.tensor([prompts[0][:P]]), 8, k)  # warm up
+    for batch in batch_sizes:
+        rows_BP = torch.tensor([prompts[i % len(prompts)][:P] for i in range(batch)])
+        r = speculative_batch(target, draft, rows_BP, new_tokens, k)
+        a = min(r["acceptance"], 1 - 1e-9)
+        r["closed_form_tokens_per_forward"] = tokens_per_target_forward(a, k)
+        r["closed_form_speedup"] = speculative_speedup(a, k, r["draft_cost_ratio"])
+        # the same with the costs as they were: k + 1 draft forwards, and a verification of
+        # k + 1 tokens that costs what it cost rather than one step
+        r["costed_speedup"] = r["tokens_per_target_forward"] / ((k + 1) * r["draft_cost_ratio"] + r["verify_cost_ratio"])
+        rows.append(r)
+    return {"benchmark": "speculative", "k": k, "new_tokens": new_tokens, "prompt_len": P, "rows": rows}

@@ -43,6 +43,10 @@ def test_bench_train_step_reports_tokens_per_second(tmp_path):
     (["bench.py", "moe-layer", "--device", "tpu"], "unknown device 'tpu'"),
     (["bench.py", "moe-layer", "--impls", "fast"], "unknown implementation 'fast'"),
     (["bench.py", "moe-layer", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["bench.py", "decode", "--batch-sizes", "1,0"], "'0': must be >= 1"),
+    (["bench.py", "decode", "--config", "tiny"], "prompt 128 + 32 new tokens exceed model.max_seq_len=64"),
+    (["bench.py", "experts", "--config", "dense_small"], "a dense model (model.n_experts=1) has no experts"),
+    (["bench.py", "costmodel", "--hardware", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path):
     if args[0] == "train.py":
@@ -55,12 +59,13 @@ def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path):
 @pytest.mark.parametrize("command", ["decode", "batching"])
 def test_inference_benchmarks_run_on_random_weights(command, tmp_path):
     out = tmp_path / "result.json"
-    extra = ["--new-tokens", "8"] if command == "decode" else ["--requests", "6", "--slots", "2"]
+    extra = ["--new-tokens", "8", "--batch-sizes", "1,2", "--prompt-lens", "8"] if command == "decode" \
+        else ["--requests", "6", "--slots", "2"]
     proc = run("bench.py", command, "--config", "tiny", *extra, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     if command == "decode":
-        assert result["cached_tokens_per_s"] > 0 and result["kv_cache_bytes_full_context"]["mha"] == \
-            4 * result["kv_cache_bytes_full_context"]["mqa"]
+        assert all(r["decode_tokens_per_s"] > 0 for r in result["rows"])
+        assert result["kv_cache_bytes_full_context"]["mha"] == 4 * result["kv_cache_bytes_full_context"]["mqa"]
     else:
         assert [r["mode"] for r in result["rows"]] == ["static", "continuous"]

@@ -1,0 +1,171 @@
+"""The cost model against hand-computed values and the model itself; the benchmarks behind bench.py."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe import MoETransformer, benchmarks, costmodel, load_config
+from moe.kv_cache import KVCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return MoETransformer(cfg)
+
+
+CONFIGS = {
+    "tiny": [],
+    "small": [],
+    "dense_small": [],
+    "gpt4": [],
+    "tiny-gqa-tied-every-2": ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.moe_every=2"],
+    "small-mha-top1": ["model.n_kv_heads=8", "model.top_k=1"],
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameter_counts_and_flops_equal_the_models_own(name):
+    cfg = load_config(name.split("-")[0], CONFIGS[name]).model
+    model, ours = meta_model(cfg), costmodel.param_counts(cfg)
+    theirs = model.param_counts()
+    for field in ("embedding", "attention", "experts", "dense_ffn", "router", "norm", "total", "active"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    for context in (1, 100, cfg.max_seq_len):
+        assert costmodel.flops_per_token(cfg, context) == model.flops_per_token(context)
+        assert costmodel.flops_per_token(cfg, context, training=True) == model.flops_per_token(context, training=True)
+
+
+def test_the_gpt4_config_reproduces_the_reference_figures():
+    p = costmodel.param_counts(load_config("gpt4").model)
+    assert 1.8e12 < p.total < 1.85e12 and 275e9 < p.active < 285e9
+    assert 54e9 < p.attention < 58e9 and 110e9 < p.per_expert < 112e9
+
+
+def test_kv_cache_bytes_by_hand_and_against_the_cache():
+    cfg = load_config("small").model  # 4 layers, 8 heads of 32, 1 K/V head
+    assert costmodel.kv_cache_bytes(cfg, batch=3, context=100) == 2 * 4 * 1 * 32 * 2 * 3 * 100  # K+V, bf16
+    for g in (1, 2, 8):
+        shaped = dataclasses.replace(cfg, n_kv_heads=g)
+        assert costmodel.kv_cache_bytes(shaped, 5, shaped.max_seq_len, bytes_per_value=4) == \
+            KVCache(shaped, slots=5, device="meta").nbytes
+    mha = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
+    assert costmodel.kv_cache_bytes(mha, 1, 64) / costmodel.kv_cache_bytes(cfg, 1, 64) == cfg.n_heads
+
+
+def test_unique_experts_expectation_matches_a_simulation():
+    rng = np.random.default_rng(0)
+    E, k = 16, 2
+    for batch in (1, 3, 8, 64):
+        picks = np.argsort(rng.random((4000, batch, E)), axis=-1)[..., :k]  # k distinct experts per token
+        distinct = np.mean([len(np.unique(p)) for p in picks])
+        assert distinct == pytest.approx(costmodel.expected_experts(E, k, batch), rel=0.01)
+
+
+def test_a_decode_step_by_hand():
+    cfg = load_config("tiny").model  # V 512, D 64, 2 layers, 4 heads / 1 KV, 16 experts of F 64, top-2
+    hw = costmodel.Hardware("toy", flops=1e12, bandwidth=1e10, memory=1e9, dollars_per_hour=3.6)
+    step = costmodel.decode_step(cfg, hw, batch=1, context=10, bytes_per_param=2)
+    p = costmodel.param_counts(cfg)
+    weights = (p.total - p.experts - 512 * 64 + 2 * 2 * 3 * 64 * 64) * 2  # batch 1: 2 experts in each of 2 layers
+    kv = 2 * 2 * 1 * 16 * 10 * 2
+    assert step["weight_bytes"] == weights and step["kv_bytes"] == kv
+    assert step["memory_s"] == pytest.approx((weights + kv) / 1e10)
+    assert step["bound"] == "memory" and step["step_s"] == step["memory_s"]
+    assert step["dollars_per_1k_tokens"] == pytest.approx(3.6 / 3600 * step["step_s"] * 1000)
+    two = costmodel.decode_step(cfg, hw, batch=1, context=10, tp=2)
+    assert two["step_s"] == pytest.approx(step["step_s"] / 2) and two["tokens_per_s_per_user"] == pytest.approx(
+        2 * step["tokens_per_s_per_user"])
+
+
+def test_speculative_closed_form():
+    assert costmodel.tokens_per_target_forward(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert costmodel.speculative_speedup(0.5, 2, 0.0) == pytest.approx(1.75)
+    assert costmodel.speculative_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
+
+
+def test_the_claims_table_covers_the_spec_and_gives_verdicts():
+    rows = costmodel.claims(load_config("gpt4").model)
+    assert len(rows) == 12 and all(r["figure"] and r["verdict"] for r in rows)
+    text = " ".join(r["figure"] for r in rows)
+    assert "6.7 tokens/s" in text  # 1 T dense on 8x H100, overheads equal to parameter reads
+    assert "10.5 of 16" in text  # distinct experts at batch 8
+
+
+def test_the_cost_model_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import moe.costmodel as c; from moe.config import load_config\n"
+            "print(c.param_counts(load_config('gpt4').model).total)")
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == costmodel.param_counts(load_config("gpt4").model).total
+
+
+# ---- the measured benchmarks ------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return MoETransformer(load_config("tiny").model).eval()
+
+
+def test_decode_sweep_counts_the_experts_it_touched(tiny_model):
+    peaks = {"matmul_flops": 1e11, "bandwidth": 1e10}
+    result, routing = benchmarks.decode_sweep(tiny_model, peaks, batch_sizes=(1, 4), prompt_lens=(8,), new_tokens=5)
+    assert [(r["prompt_len"], r["batch"]) for r in result["rows"]] == [(8, 1), (8, 4)]
+    assert routing[1].shape == (5, 2, 16) and (routing[1].sum(-1) == 2).all()  # one token, top-2, per layer
+    assert (routing[4].sum(-1) == 8).all()
+    load = benchmarks.expert_load(tiny_model.cfg, routing)["rows"]
+    assert load[0]["distinct"] == 2 and load[0]["max"] == 1 and load[0]["idle_share"] == pytest.approx(14 / 16)
+    assert 2 <= load[1]["distinct"] <= 8 and load[1]["mean"] == pytest.approx(0.5)
+    assert all(r["mbu"] > 0 and r["mfu"] > 0 for r in result["rows"])
+
+
+@pytest.mark.parametrize("noise", [0.0, 3.0])
+def test_batched_speculative_decoding_is_plain_greedy_row_by_row(tiny_model, noise):
+    draft = MoETransformer(tiny_model.cfg).eval()
+    draft.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * noise * p.std())
+    prompts = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(1))
+    r = benchmarks.speculative_batch(tiny_model, draft, prompts, new_tokens=12, k=3)
+    assert r["matches_greedy"]
+    if noise == 0:
+        assert r["acceptance"] == 1.0 and r["tokens_per_target_forward"] == 4
+    else:
+        assert r["acceptance"] < 0.5
+
+
+def test_bench_help_documents_every_command():
+    proc = run("bench.py", "--help")
+    assert proc.returncode == 0
+    for command in ("machine", "decode", "experts", "batching", "speculative", "costmodel", "moe-layer", "train-step"):
+        assert f"  {command} " in proc.stdout
+        sub = run("bench.py", command, "--help")
+        assert sub.returncode == 0 and "--json" in sub.stdout
+
+
+def test_bench_commands_write_json(tmp_path):
+    out = tmp_path / "r.json"
+    for args in (["machine"], ["decode", "--config", "tiny", "--batch-sizes", "1,2", "--prompt-lens", "8",
+                               "--new-tokens", "4"],
+                 ["experts", "--config", "tiny", "--batch-sizes", "1,8", "--new-tokens", "4"],
+                 ["costmodel", "--config", "gpt4", "--tp", "8", "--train-tokens", "13e12"]):
+        proc = run("bench.py", *args, "--json", str(out))
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(out.read_text())
+        assert result["benchmark"] == args[0]
+    assert result["params"]["total"] == costmodel.param_counts(load_config("gpt4").model).total
+    assert result["decode"]["bound"] == "memory" and result["training"]["flops"] > 2e25
