@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=positive_int, default=None, help="tokens of context (default model.max_seq_len)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree (default 1)")
-    p.add_argument("--bytes-per-param", type=float, default=2, help="2 for bf16, 1 for fp8/int8 (default 2)")
+    p.add_argument("--bytes-per-param", type=float, default=None,
+                   help="2 for bf16, 1 for fp8/int8 (default 2 on GPUs, 4 on the CPU, which runs fp32)")
     p.add_argument("--dollars-per-hour", type=float, default=None, help="per device (default: the table's)")
     p.add_argument("--train-tokens", type=float, default=None, help="also price training on this many tokens")
     p.add_argument("--devices", type=positive_int, default=None, help="devices for training (default tp x pp)")
@@ -263,16 +264,17 @@ def cost_model(args, cfg: ModelConfig) -> dict:
     if args.dollars_per_hour is not None:
         hw = dataclasses.replace(hw, dollars_per_hour=args.dollars_per_hour)
     context = args.context or cfg.max_seq_len
+    width = args.bytes_per_param or (4 if args.hardware == "cpu" else 2)
     p = costmodel.param_counts(cfg)
-    step = costmodel.decode_step(cfg, hw, args.batch, context, args.tp, args.pp, args.bytes_per_param)
+    step = costmodel.decode_step(cfg, hw, args.batch, context, args.tp, args.pp, width, width)
     result = {"benchmark": "costmodel", "hardware": dataclasses.asdict(hw), "params": dataclasses.asdict(p),
               "flops_per_token": {"prefill": costmodel.flops_per_token(cfg, context),
                                   "decode": costmodel.flops_per_token(cfg, context),
                                   "training": costmodel.flops_per_token(cfg, context, training=True)},
               "kv_cache_bytes": costmodel.kv_cache_bytes(cfg, args.batch, context), "decode": step}
-    print(f"{args.config} on {args.tp} x {args.pp} {hw.name} ({hw.flops / 1e12:,.0f} TFLOP/s, "
-          f"{hw.bandwidth / 1e12:.2f} TB/s, {hw.memory / 1e9:.0f} GB, ${hw.dollars_per_hour}/h), "
-          f"batch {args.batch}, context {context}, {args.bytes_per_param:g} bytes per parameter")
+    print(f"{args.config} on {args.tp * args.pp} x {hw.name} (tensor {args.tp} x pipeline {args.pp}; each "
+          f"{hw.flops / 1e9:,.0f} GFLOP/s, {hw.bandwidth / 1e9:,.1f} GB/s, {hw.memory / 1e9:,.0f} GB, "
+          f"${hw.dollars_per_hour:g}/h), batch {args.batch}, context {context}, {width:g} bytes per value")
     print(f"parameters: {p.total:,} total, {p.active:,} active per token "
           f"(attention {p.attention:,}, experts {p.experts:,}, embeddings {p.embedding:,})")
     print(f"FLOPs per token: {costmodel.flops_per_token(cfg, context):,} forward at context {context} "
@@ -281,7 +283,10 @@ def cost_model(args, cfg: ModelConfig) -> dict:
           f"KV-cache bytes ({step['intensity']:.1f} FLOP/byte against a ridge of {hw.ridge:.0f}: {step['bound']}-bound)")
     print(f"roofline: {step['step_s'] * 1e3:.3f} ms per step, {step['tokens_per_s_per_user']:,.1f} tokens/s per "
           f"user, {step['tokens_per_s']:,.0f} tokens/s in all, MFU {step['mfu']:.1%}; "
-          f"{step['devices_for_memory']} devices needed for memory; ${step['dollars_per_1k_tokens']:.6f} per 1k tokens")
+          f"${step['dollars_per_1k_tokens']:.6f} per 1k tokens")
+    if step["devices_for_memory"] > args.tp * args.pp:
+        print(f"note: weights and KV cache need {step['devices_for_memory']} such devices' memory, not "
+              f"{args.tp * args.pp}: raise --tp / --pp or lower --bytes-per-param")
     if args.train_tokens:
         devices = args.devices or args.tp * args.pp
         train = costmodel.training_cost(cfg, args.train_tokens, hw, devices, args.mfu, context)

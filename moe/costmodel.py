@@ -218,8 +218,8 @@ def claims(gpt4: ModelConfig) -> list[dict]:
           f"({palm / (540e9 * 2):.1f}x its bf16 weights), {palm / 2 / 1e12:.1f} TB in int8 ({palm / 2 / (540e9 * 2):.1f}x); "
           f"with MQA {palm / 48 / 1e9:.0f} GB. The gpt4 shape with MHA: {kv_mha / 1e12:.1f} TB "
           f"({kv_mha / (p.total * 2):.1f}x its bf16 weights); with its MQA {kv_mha / gpt4.n_heads / 1e9:.0f} GB",
-          "holds for an 8-bit cache beside 16-bit weights (the PaLM inference paper's setting); "
-          "a bf16 cache is twice that, 5.6x the weights")
+          "holds if the cache is stored in 8 bits beside 16-bit weights; with a bf16 cache it is twice "
+          "that, 5.6x the weights")
 
     idle = (1 - gpt4.top_k / gpt4.n_experts) ** 8
     claim("16 experts top-2, batch 8: an expert sees anything from 0 to 8 tokens; per-expert batch varies",
@@ -245,7 +245,9 @@ def claims(gpt4: ModelConfig) -> list[dict]:
     inference = decode_step(gpt4, a100, batch=4096 // 16, context=8192, tp=8, pp=16)
     claim("inference on 128 GPUs (8-way tensor x 16-way pipeline), batch 4k+: ~500 tokens per expert",
           f"4,096 x 2 / 16 = {4096 * 2 / 16:.0f} tokens per expert per layer; weights "
-          f"{p.total * 2 / 128 / 1e9:.1f} GB per GPU (bf16); 128 A100 at batch 256 per stage x 16, 8k context: "
+          f"{p.total * 2 / 128 / 1e9:.1f} GB per GPU (bf16) plus the KV cache of 4,096 sequences at 8k, "
+          f"{kv_cache_bytes(gpt4, 4096, 8192) / 128 / 1e9:.1f} GB per GPU (MQA): fits 80 GB parts, not 40 GB ones; "
+          f"128 A100 at batch 256 per stage x 16, 8k context: "
           f"{inference['tokens_per_s']:,.0f} tokens/s, MFU {inference['mfu']:.0%}, "
           f"${inference['dollars_per_1k_tokens']:.4f} per 1k tokens", "holds")
     claim("batch ramped to 60 M tokens: ~7.5 M tokens per expert", f"60 M x 2 / 16 = {60e6 * 2 / 16 / 1e6:.1f} M",

@@ -169,3 +169,17 @@ def test_bench_commands_write_json(tmp_path):
         assert result["benchmark"] == args[0]
     assert result["params"]["total"] == costmodel.param_counts(load_config("gpt4").model).total
     assert result["decode"]["bound"] == "memory" and result["training"]["flops"] > 2e25
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "experts.png"
+    proc = run("bench.py", "experts", "--config", "tiny", "--batch-sizes", "1,4", "--new-tokens", "3", "--plot", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_readme_claims_table_is_what_the_cost_model_says():
+    readme = (ROOT / "README.md").read_text()
+    for row in costmodel.claims(load_config("gpt4").model):
+        assert f"| {row['claim']} | {row['figure']} | {row['verdict']} |" in readme, row["claim"]
