@@ -367,28 +367,26 @@ def plot_decode(path: str, result: dict) -> None:
     save(plt, fig, path)
 
 
-def plot_experts(path: str, result: dict) -> None:
+def line_plot(path: str, rows: list[dict], series: list[tuple[str, str, str]], **axes) -> None:
+    """One curve per (key, style, label) against the rows' batch sizes."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    batches = [r["batch"] for r in result["rows"]]
-    ax.plot(batches, [r["distinct"] for r in result["rows"]], "o", label="measured")
-    ax.plot(batches, [r["distinct_uniform"] for r in result["rows"]], "-", label="uniform: E(1-(1-k/E)^B)")
-    ax.set(xscale="log", xlabel="batch size", ylabel="distinct experts per layer per step")
+    for key, style, label in series:
+        ax.plot([r["batch"] for r in rows], [r[key] for r in rows], style, label=label)
+    ax.set(xlabel="batch size", **axes)
     ax.legend()
     save(plt, fig, path)
+
+
+def plot_experts(path: str, result: dict) -> None:
+    line_plot(path, result["rows"], [("distinct", "o", "measured"), ("distinct_uniform", "-", "uniform: E(1-(1-k/E)^B)")],
+              xscale="log", ylabel="distinct experts per layer per step")
 
 
 def plot_speculative(path: str, result: dict) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    batches = [r["batch"] for r in result["rows"]]
-    ax.plot(batches, [r["speedup"] for r in result["rows"]], "o-", label="measured")
-    ax.plot(batches, [r["closed_form_speedup"] for r in result["rows"]], "s--", label="closed form")
-    ax.plot(batches, [r["costed_speedup"] for r in result["rows"]], "^:", label="costed (verify as measured)")
-    ax.axhline(1, color="grey", lw=0.8)
-    ax.set(xlabel="batch size", ylabel="speedup over plain decoding")
-    ax.legend()
-    save(plt, fig, path)
+    line_plot(path, result["rows"], [("speedup", "o-", "measured"), ("closed_form_speedup", "s--", "closed form"),
+                                     ("costed_speedup", "^:", "costed (verify as measured)")],
+              ylabel="speedup over plain decoding")
 
 
 if __name__ == "__main__":
