@@ -44,5 +44,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:
         raise ValueError(f"{path}: tokenizer lacks the special tokens {', '.join(missing)}")
+    moved = [f"{t} (id {tokenizer.token_to_id(t)})" for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
+    if moved:
+        raise ValueError(f"{path}: special tokens must have ids 0-{len(SPECIAL_TOKENS) - 1} in the order "
+                         f"{', '.join(SPECIAL_TOKENS)}; found {', '.join(moved)}")
     return tokenizer
 

@@ -88,6 +88,10 @@ class Trainer:
         self.step = self.tokens_seen = self.sequences_drawn = 0
         if options.resume_from:
             state = ckpt.load_trainer_state(options.resume_from)
+            if "optimizer" not in state:
+                raise ckpt.CheckpointError(f"{options.resume_from} holds weights only (imported from "
+                                           f"{state.get('imported_from', 'elsewhere')}): start a run from it "
+                                           f"with --init-from instead of --resume")
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and self.device.type == "cuda":
