@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from moe import checkpoint as ckpt
+from moe import distributed
 from moe.cli import add_config_args, describe_model, device_arg, run, split_overrides
 from moe.config import load_config
 from moe.trainer import RunOptions, Trainer
@@ -54,19 +55,28 @@ def main(argv: list[str] | None = None) -> int:
                                        f"or choose another --out")
         init_from = ckpt.resolve_checkpoint(args.init_from) if args.init_from else None
 
-    print(describe_model(config.model))
-    options = RunOptions(out, args.device, resume_from, init_from, args.compile, args.peak_flops, args.quiet)
-    trainer = Trainer(config, options)
-    if resume_from:
-        print(f"resuming from {resume_from} (step {trainer.step})")
-    summary = trainer.train()
-    if config.train.sample_tokens:
-        print(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
-    print(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_s']:.0f} s; "
-          f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits per byte")
-    if summary["tokens_per_s"]:
-        print(f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of "
-              f"{summary['peak_flops'] / 1e9:,.0f} GFLOP/s; checkpoints and metrics.jsonl in {out}")
+    world, device = distributed.init(args.device, config.train.expert_parallel)
+    try:
+        say = print if world.is_main else (lambda *a, **k: None)  # one rank speaks for all
+        layout = ""
+        if world.distributed:
+            layout = f"; {world.size} processes, {config.train.parallel}"
+            layout += f", experts split over {world.expert_parallel}" if world.expert_parallel > 1 else ""
+        say(describe_model(config.model) + layout)
+        options = RunOptions(out, device, resume_from, init_from, args.compile, args.peak_flops, args.quiet, world)
+        trainer = Trainer(config, options)
+        if resume_from:
+            say(f"resuming from {resume_from} (step {trainer.step})")
+        summary = trainer.train()
+        if config.train.sample_tokens and world.is_main:
+            say(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
+        say(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_s']:.0f} s; "
+            f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits per byte")
+        if summary["tokens_per_s"]:
+            say(f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of "
+                f"{summary['peak_flops'] / 1e9:,.0f} GFLOP/s; checkpoints and metrics.jsonl in {out}")
+    finally:
+        distributed.close()
     return 0
 
 

@@ -179,11 +179,17 @@ class TrainConfig:
     # The ViT and the resampler keep their random initial weights for this many steps, while the
     # cross-attention learns to read their (already informative) features; see Trainer.train_step.
     encoder_hold_steps: int = 200
+    # Under torchrun (more than one process): how the ranks share the work. `ddp` replicates the
+    # model, `zero1` also shards the optimizer state (ZeroRedundancyOptimizer), `fsdp` shards
+    # parameters, gradients and optimizer state (FSDP2). expert_parallel = N splits each MoE
+    # layer's experts over groups of N ranks (tokens travel by all_to_all), with `ddp` only.
+    parallel: Literal["ddp", "zero1", "fsdp"] = "ddp"
+    expert_parallel: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "batch_size_start", "micro_batch_size", "log_every",
-                     "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+                     "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "expert_parallel"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}={value}: must be a positive integer")
         for name in ("ramp_tokens", "warmup_steps", "sample_tokens", "encoder_hold_steps"):
@@ -196,6 +202,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}={value}: must be in [0, 1)")
+        _require(self.expert_parallel == 1 or self.parallel == "ddp",
+                 f"train.expert_parallel={self.expert_parallel} combines with train.parallel='ddp' only "
+                 f"(got {self.parallel!r})")
         _require(self.batch_size_start <= self.batch_size,
                  f"train.batch_size_start={self.batch_size_start} exceeds train.batch_size={self.batch_size}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -207,8 +208,49 @@ def moe_reference(x_TD: Tensor, routing: Routing, experts: Experts, capacity: in
     return y_TD
 
 
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` with uneven splits; the gradient travels back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx, x_AD: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x_AD.new_empty(sum(recv), *x_AD.shape[1:])
+        dist.all_to_all_single(out, x_AD.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
+def experts_elsewhere(experts: Experts, group, x_AD: Tensor, gates_A: Tensor, counts_E: Tensor) -> Tensor:
+    """Expert parallelism: `gate * expert(x)` for rows grouped by expert, where this rank holds only
+    experts j*E/N .. (j+1)*E/N - 1 of the N ranks in `group` (j its rank there).
+
+    Each rank sends every row to the rank holding its expert, runs its own experts on what it
+    receives from all ranks, and sends the results back (two all_to_alls, differentiable).
+    """
+    N, local = dist.get_world_size(group), experts.w1.shape[0]
+    counts_NL = counts_E.view(N, local)  # my rows for each rank's experts
+    arriving_NL = torch.empty_like(counts_NL)  # each rank's rows for my experts
+    dist.all_to_all_single(arriving_NL, counts_NL.contiguous(), group=group)
+    send, recv = counts_NL.sum(1).tolist(), arriving_NL.sum(1).tolist()
+    x_RD = _AllToAll.apply(x_AD, send, recv, group)  # by source rank, then by my expert
+    expert_R = torch.arange(local, device=x_AD.device).repeat(N).repeat_interleave(arriving_NL.flatten())
+    order_R = torch.argsort(expert_R, stable=True)  # by my expert, then by source rank
+    y_sorted = experts(x_RD.index_select(0, order_R), x_RD.new_ones(x_RD.shape[0]), arriving_NL.sum(0))
+    y_RD = torch.zeros_like(y_sorted).index_copy(0, order_R, y_sorted)
+    return _AllToAll.apply(y_RD, recv, send, group) * gates_A[:, None].to(y_RD.dtype)
+
+
 class MoE(nn.Module):
-    """Router + experts: `y = sum_k gate_k * expert_k(x)` over each token's top-k experts."""
+    """Router + experts: `y = sum_k gate_k * expert_k(x)` over each token's top-k experts.
+
+    Under expert parallelism (`ep_group` set by `distributed.shard_experts`) the layer holds
+    only its rank's share of the experts, and rows travel to and from them by all_to_all.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -217,6 +259,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor if cfg.dispatch == "capacity" else None
         self.jitter = cfg.router_jitter
+        self.ep_group = None
 
     def router_logits(self, x_TD: Tensor) -> Tensor:
         if self.training and self.jitter > 0:
@@ -229,7 +272,8 @@ class MoE(nn.Module):
         """Mix each token's top-k experts; the auxiliary losses only when asked (training)."""
         x_TD = x.reshape(-1, x.shape[-1])
         routing = route(self.router_logits(x_TD), self.top_k)
-        decoding = not with_losses and not torch.is_grad_enabled() and x_TD.shape[0] <= DECODE_TOKENS
+        decoding = (not with_losses and not torch.is_grad_enabled() and x_TD.shape[0] <= DECODE_TOKENS
+                    and self.ep_group is None)
         if decoding and self.capacity_factor is None:
             experts_TK = routing.experts_TK
             routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
@@ -243,14 +287,18 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(x_TD.shape[0], self.top_k, self.n_experts, self.capacity_factor)
         plan = plan_dispatch(routing.experts_TK, self.n_experts, capacity)
-        if self.experts.impl == "loop":
+        if self.experts.impl == "loop" and self.ep_group is None:
             y_TD = moe_reference(x_TD, routing, self.experts, capacity)
         else:
             # index_select, not x_TD[tokens]: its backward is a fast index_add, where advanced
             # indexing's is an accumulating index_put that cost ~7 % of the layer on CPU.
             x_AD = x_TD.index_select(0, plan.tokens_A)
             gates_A = routing.gates_TK.t().reshape(-1).index_select(0, plan.order_A)  # slot-major
-            y_TD = combine(self.experts(x_AD, gates_A, plan.counts_E), plan, x_TD.shape[0])
+            if self.ep_group is None:
+                y_AD = self.experts(x_AD, gates_A, plan.counts_E)
+            else:
+                y_AD = experts_elsewhere(self.experts, self.ep_group, x_AD, gates_A, plan.counts_E)
+            y_TD = combine(y_AD, plan, x_TD.shape[0])
         return MoEOutput(
             y=y_TD.view_as(x).to(x.dtype),
             balance_loss=load_balancing_loss(routing.probs_TE, routing.experts_TK) if with_losses else None,

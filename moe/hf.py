@@ -269,9 +269,7 @@ def import_(hf_dir: str | Path, out: str | Path) -> Path:
         if tensor.shape != expected[name].shape:
             raise ckpt.CheckpointError(f"{hf_dir}: tensor for {name} has shape {tuple(tensor.shape)}, "
                                        f"expected {tuple(expected[name].shape)} from config.json")
-    model.load_state_dict(weights, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    model = MoETransformer.from_state_dict(cfg, weights)
     config = Config(model=cfg)
     state = {"step": 0, "imported_from": str(hf_dir)}  # no optimizer: start training with --init-from
     return ckpt.save_checkpoint(out, 0, model, state, config, tokenizer, keep=1)

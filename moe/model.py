@@ -79,6 +79,16 @@ class MoETransformer(nn.Module):
         self.vision = VisionBranch(cfg) if cfg.vision is not None else None
         self.init_weights()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, Tensor]) -> MoETransformer:
+        """A model holding exactly these tensors (built on `meta`, nothing initialised twice)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, assign=True, strict=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        return model
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std); projections into the residual stream scaled by 1/sqrt(2 n_layers) (GPT-2);

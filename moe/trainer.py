@@ -14,13 +14,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .benchmarks import matmul_peak
 from .config import Config, ConfigError, TrainConfig
 from .data import prepare_data
@@ -42,6 +43,7 @@ class RunOptions:
     compile: bool = False
     peak_flops: float | None = None  # FLOP/s for MFU; measured by a matmul probe when None
     quiet: bool = False
+    world: distributed.World = field(default_factory=distributed.World)  # this process among torchrun's
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -81,7 +83,12 @@ class Trainer:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("vision."))
         self.model.to(self.device)
-        self.forward = torch.compile(self.model) if options.compile else self.model
+        self.world = world = options.world
+        if world.distributed and self.cfg.batch_size_start % world.size:
+            raise ConfigError(f"train.batch_size_start={self.cfg.batch_size_start} (and every batch size of the "
+                              f"ramp) must divide evenly among the {world.size} processes")
+        self.forward = distributed.wrap(self.model, world, self.cfg.parallel, self.device)  # every rank: same init
+        self.forward = torch.compile(self.forward) if options.compile else self.forward
         self.optimizer = self._make_optimizer()
         self.encoder_params = [p for name, p in self.model.named_parameters()
                                if name.startswith(("vision.encoder.", "vision.resampler.")) and p.requires_grad]
@@ -92,7 +99,8 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{options.resume_from} holds weights only (imported from "
                                            f"{state.get('imported_from', 'elsewhere')}): start a run from it "
                                            f"with --init-from instead of --resume")
-            self.optimizer.load_state_dict(state["optimizer"])
+            distributed.load_optimizer_state(self.model, self.optimizer, self.param_names, state["optimizer"],
+                                             world, mcfg.n_experts)
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -102,25 +110,24 @@ class Trainer:
         self.flops_per_image = self.model.flops_per_image(training=True)
         self.flops_per_held_image = self.model.flops_per_image(training=False)  # no backward through the encoder
         self.peak_flops = options.peak_flops or matmul_peak(self.device)
-        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.peak_flops *= world.size  # the roofline of all the ranks together
+        self.metrics_file = open(self.out / "metrics.jsonl", "a") if world.is_main else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        gates = [p for name, p in trainable.items() if name.endswith("_gate")]
-        decay = [p for p in trainable.values() if p.dim() >= 2]  # matrices and expert stacks
-        no_decay = [p for name, p in trainable.items() if p.dim() < 2 and not name.endswith("_gate")]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        gates = [name for name in trainable if name.endswith("_gate")]
+        decay = [name for name, p in trainable.items() if p.dim() >= 2]  # matrices and expert stacks
+        no_decay = [name for name, p in trainable.items() if p.dim() < 2 and not name.endswith("_gate")]
+        groups = [(decay, {"weight_decay": self.cfg.weight_decay}), (no_decay, {"weight_decay": 0.0})]
         if gates:
             # The vision gates start at 0, where the sign of every gradient behind them flips with
             # theirs; at the common rate they hover there and the branch learns nothing for hundreds
             # of steps. Adam moves a parameter about lr a step, so they get a larger rate.
-            groups.append({"params": gates, "weight_decay": 0.0, "lr_scale": self.cfg.gate_lr_scale})
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        try:
-            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, fused=True)
-        except RuntimeError:  # no fused kernel for this device or PyTorch
-            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas)
+            groups.append((gates, {"weight_decay": 0.0, "lr_scale": self.cfg.gate_lr_scale}))
+        self.param_names = [name for names, _ in groups for name in names]  # the optimizer's order
+        return distributed.make_optimizer([{"params": [trainable[n] for n in names], **options} for names, options in groups],
+                                          self.world, self.cfg.parallel, lr=self.cfg.lr,
+                                          betas=(self.cfg.beta1, self.cfg.beta2))
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -132,7 +139,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=self.options.quiet, mininterval=1 if sys.stderr.isatty() else 30)
+                   disable=self.options.quiet or not self.world.is_main,
+                   mininterval=1 if sys.stderr.isatty() else 30)
         started, interval, whole = time.perf_counter(), Meter(), Meter()
         # A fresh or --init-from run evaluates first: the "before" of a fine-tune.
         evaluation = self.evaluate(bar) if self.step == 0 else {}
@@ -173,9 +181,14 @@ class Trainer:
                         refresh=False)
 
     def train_step(self) -> dict:
-        """One optimizer step over batch_size_at(tokens_seen) sequences, in micro-batches."""
-        cfg = self.cfg
+        """One optimizer step over batch_size_at(tokens_seen) sequences, in micro-batches (under
+        torchrun each rank takes its own slice of them; the step is the same)."""
+        cfg, world = self.cfg, self.world
         n_seqs = batch_size_at(self.tokens_seen, cfg)
+        if world.distributed:  # an equal share for every rank
+            n_seqs = max(n_seqs // world.size, 1) * world.size
+        mine = n_seqs // world.size
+        first_seq = self.sequences_drawn + world.rank * mine
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -189,23 +202,24 @@ class Trainer:
             p.requires_grad_(not held)
         totals = {"loss": 0.0, "ce_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
         expert_tokens, dropped, n_images = None, None, 0
-        for first in range(0, n_seqs, cfg.micro_batch_size):
-            n = min(cfg.micro_batch_size, n_seqs - first)
-            batch = self.data.batch(self.sequences_drawn + first, n, self.seq_len)
+        for first in range(0, mine, cfg.micro_batch_size):
+            n = min(cfg.micro_batch_size, mine - first)
+            batch = self.data.batch(first_seq + first, n, self.seq_len)
             images = None
             if batch.images is not None:
                 images = batch.images.to(self.device, non_blocking=True)
                 n_images += int((batch.inputs == IMAGE_ID).sum())
             with self.autocast():
                 out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device), images=images)
-            (out.loss * (n / n_seqs)).backward()
+            (out.loss * (n / mine)).backward()
             values = torch.stack([getattr(out, key).detach().float() for key in totals]).tolist()  # one sync
             for key, value in zip(totals, values):
-                totals[key] += value * n / n_seqs
+                totals[key] += value * n / mine
             counts = [s.tokens_per_expert for s in out.router_stats]
             drops = [s.dropped for s in out.router_stats]
             expert_tokens = counts if expert_tokens is None else [a + b for a, b in zip(expert_tokens, counts)]
             dropped = drops if dropped is None else [a + b for a, b in zip(dropped, drops)]
+        distributed.sync_gradients(self.model, world)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -213,6 +227,10 @@ class Trainer:
         self.step += 1
         self.sequences_drawn += n_seqs
         self.tokens_seen += n_seqs * self.seq_len
+        if world.distributed:  # what all the ranks did together
+            totals = dict(zip(totals, distributed.mean(list(totals.values()), world)))
+            expert_tokens, dropped = distributed.total(expert_tokens, world), distributed.total(dropped, world)
+            n_images = int(distributed.mean([n_images], world)[0] * world.size)
         flops = n_seqs * self.seq_len * self.flops_per_token
         flops += n_images * (self.flops_per_held_image if held else self.flops_per_image)
         return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len, "flops": flops,
@@ -243,17 +261,28 @@ class Trainer:
                         f"images ({result['caption_acc_blank']:.1%} with blank images)")
         self.model.train()
         self.write({"type": "eval", "step": self.step, **result})
-        if bar is not None:
+        if bar is not None and self.world.is_main:
             bar.write(message)
         return result
 
     def save(self) -> Path:
+        """A whole checkpoint, written by rank 0 (every rank takes part in gathering it)."""
+        world, parallel = self.world, self.cfg.parallel
+        optimizer = distributed.full_optimizer_state(self.optimizer, self.param_names, world, parallel)
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
-                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+                 "optimizer": optimizer, "rng": torch.get_rng_state()}
         if self.device.type == "cuda":  # router jitter draws from the device's generator there
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return ckpt.save_checkpoint(self.out, self.step, self.model, state, self.config, self.tokenizer,
-                                    self.cfg.keep_checkpoints)
+        model = self.model
+        if world.distributed:
+            weights = distributed.full_model_state(self.model, world)
+            model = MoETransformer.from_state_dict(self.config.model, weights) if world.is_main else None
+        folder = ckpt.checkpoint_dir(self.out) / f"step-{self.step:07d}"
+        if world.is_main:
+            folder = ckpt.save_checkpoint(self.out, self.step, model, state, self.config, self.tokenizer,
+                                          self.cfg.keep_checkpoints)
+        world.barrier()  # no rank runs ahead of a checkpoint that may yet fail
+        return folder
 
     def sample(self, max_new_tokens: int, prompt: str = "") -> str:
         """Text generated from the model (from the start of a document when there is no prompt);
@@ -277,6 +306,8 @@ class Trainer:
         return prompt + self.tokenizer.decode(tokens)
 
     def write(self, record: dict) -> None:
+        if self.metrics_file is None:  # not rank 0
+            return
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
 

@@ -1,0 +1,265 @@
+"""Training beyond one process: torchrun with DDP, ZeRO-1, FSDP2 and expert parallelism.
+
+    torchrun --nproc_per_node 2 train.py --config small --train.parallel=zero1
+
+Every rank runs the same loop on its own slice of each global batch (rank r takes sequences
+r * B/W .. (r + 1) * B/W - 1 of the batch the single process would draw), so W ranks at global
+batch B take the same steps as one process at batch B. `train.parallel` picks how the model and
+optimizer are laid out over the ranks:
+
+    ddp    the model on every rank; gradients averaged by DistributedDataParallel
+    zero1  DDP, and the AdamW state sharded by ZeroRedundancyOptimizer (ZeRO stage 1)
+    fsdp   parameters, gradients and optimizer state sharded by FSDP2 (`fully_shard` per block)
+
+`train.expert_parallel = N` (with ddp-style data parallelism) splits each MoE layer's experts
+over groups of N consecutive ranks: rank j of a group holds experts j*E/N .. (j+1)*E/N - 1, and
+tokens travel to their experts and back by all_to_all (`experts.MoE`). Every other parameter is
+replicated; gradients are summed by hand (experts over the ranks that hold the same experts).
+
+Checkpoints are always whole: the full model and the full optimizer state keyed by parameter
+name, written once by rank 0, so a checkpoint from any layout and any number of ranks resumes
+in any other (and in a single process).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass
+class World:
+    """This process's place among the ranks (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    expert_parallel: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (CUDA under nccl)
+    ep_group: dist.ProcessGroup | None = None  # the ranks that split the experts between them
+    replica_group: dist.ProcessGroup | None = None  # the ranks that hold the same experts
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init(device: torch.device, expert_parallel: int = 1) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU); a plain run stays alone."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        if expert_parallel != 1:
+            raise ConfigError(f"train.expert_parallel={expert_parallel} needs that many processes: "
+                              f"run under torchrun --nproc_per_node {expert_parallel}")
+        return World(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    world = World(rank, size, expert_parallel, device)
+    if expert_parallel > 1:
+        if size % expert_parallel:
+            raise ConfigError(f"train.expert_parallel={expert_parallel} does not divide the {size} processes")
+        # every rank creates every group, in the same order (a collective)
+        for start in range(0, size, expert_parallel):
+            group = dist.new_group(list(range(start, start + expert_parallel)))
+            if start <= rank < start + expert_parallel:
+                world.ep_group = group
+        for j in range(expert_parallel):
+            group = dist.new_group(list(range(j, size, expert_parallel)))
+            if rank % expert_parallel == j:
+                world.replica_group = group
+    return world, device
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_expert(name: str) -> bool:
+    return ".experts.w" in name
+
+
+def expert_slice(world: World, n_experts: int) -> slice:
+    local = n_experts // world.expert_parallel
+    start = (world.rank % world.expert_parallel) * local
+    return slice(start, start + local)
+
+
+def shard_experts(model: nn.Module, world: World) -> None:
+    """Keep only this rank's experts in every MoE layer and route through all_to_all."""
+    from .experts import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            if module.n_experts % world.expert_parallel:
+                raise ConfigError(f"train.expert_parallel={world.expert_parallel} does not divide "
+                                  f"model.n_experts={module.n_experts}")
+            mine = expert_slice(world, module.n_experts)
+            for name in ("w1", "w3", "w2"):
+                full = getattr(module.experts, name)
+                setattr(module.experts, name, nn.Parameter(full.detach()[mine].clone(), full.requires_grad))
+            module.ep_group = world.ep_group
+
+
+def wrap(model: nn.Module, world: World, parallel: str, device: torch.device) -> nn.Module:
+    """The module the training step calls; `model` itself stays reachable for everything else."""
+    if not world.distributed:
+        return model
+    if world.expert_parallel > 1:
+        shard_experts(model, world)
+        return model  # gradients are summed by `sync_gradients`
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The vision encoder sits out its first steps (Trainer.train_step): those params get no grads.
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=getattr(model, "vision", None) is not None)
+
+
+def sync_gradients(model: nn.Module, world: World) -> None:
+    """Expert parallelism's gradient average over all W ranks: the all_to_all backward already
+    summed each expert's gradient over its group; the replicas of the same experts add theirs."""
+    if not world.distributed or world.expert_parallel == 1:
+        return
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if not is_expert(name):
+            dist.all_reduce(p.grad)
+        elif world.size > world.expert_parallel:
+            dist.all_reduce(p.grad, group=world.replica_group)
+        p.grad /= world.size
+
+
+def make_optimizer(groups: list[dict], world: World, parallel: str, **kwargs) -> torch.optim.Optimizer:
+    if world.distributed and parallel == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except RuntimeError:  # no fused kernel for this device or PyTorch
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def mean(values: list[float], world: World) -> list[float]:
+    """The average over ranks of a few numbers (one collective)."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return (t / world.size).tolist()
+
+
+def total(tensors: list[torch.Tensor], world: World) -> list[torch.Tensor]:
+    """Each tensor summed over the ranks (counts: tokens per expert, drops)."""
+    if not world.distributed or not tensors:
+        return tensors
+    stacked = torch.stack([torch.as_tensor(t).to(world.device, torch.float64) for t in tensors])
+    dist.all_reduce(stacked)
+    return [t.to(torch.long) for t in stacked]
+
+
+# ---- whole state dicts ----------------------------------------------------------------------
+
+def _gather_experts(name: str, t: torch.Tensor, world: World) -> torch.Tensor:
+    """An expert tensor (or its optimizer moment), held E/N per rank, joined whole."""
+    if world.expert_parallel == 1 or not is_expert(name) or t.dim() == 0:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.expert_parallel)]
+    dist.all_gather(parts, t.contiguous(), group=world.ep_group)
+    return torch.cat(parts)
+
+
+def _slice_experts(name: str, t, world: World, n_experts: int):
+    """This rank's share of a whole expert tensor (or of its optimizer moment)."""
+    if world.expert_parallel == 1 or not is_expert(name) or not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    return t[expert_slice(world, n_experts)].clone()
+
+
+def _whole(t):
+    """A tensor as a whole on CPU: FSDP2's DTensor shards gathered (a collective), others as they are."""
+    if isinstance(t, torch.Tensor) and hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+def _like(t, param: torch.Tensor):
+    """A whole tensor laid out as `param` is: sharded the same way under FSDP2, on its device."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t.to(param.dtype), param.device_mesh, param.placements)
+    return t
+
+
+def full_model_state(model: nn.Module, world: World) -> dict:
+    """Every weight, whole, on CPU (every rank takes part)."""
+    return {name: _whole(_gather_experts(name, t, world)) for name, t in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer, names: list[str], world: World, parallel: str) -> dict | None:
+    """The optimizer state keyed by parameter name, whole; None on ranks other than 0 under zero1
+    (where rank 0 alone gathers it)."""
+    if world.distributed and parallel == "zero1":
+        optimizer.consolidate_state_dict(to=0)
+        if not world.is_main:
+            return None
+    state = _by_name(optimizer.state_dict(), names)
+    state["state"] = {name: {k: _whole(_gather_experts(name, v, world)) for k, v in s.items()}
+                      for name, s in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: dict, world: World,
+                         n_experts: int) -> None:
+    if state["state"] and isinstance(next(iter(state["state"])), int):  # an index-keyed checkpoint (older)
+        optimizer.load_state_dict(state)
+        return
+    params = dict(model.named_parameters())
+    state = {**state, "state": {name: {k: _like(_slice_experts(name, v, world, n_experts), params[name])
+                                       for k, v in s.items()}
+                                for name, s in state["state"].items() if name in params}}
+    optimizer.load_state_dict(_by_index(state, names))
+
+
+def _by_name(state: dict, names: list[str]) -> dict:
+    """A `state_dict()` keyed by parameter index (optimizer order) -> keyed by parameter name."""
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _by_index(state: dict, names: list[str]) -> dict:
+    index = {name: i for i, name in enumerate(names)}
+    missing = sorted(set(names) - {n for g in state["param_groups"] for n in g["params"]})
+    if missing:
+        raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]} ({len(missing)} in all): "
+                          f"was it saved by another model or another train.freeze_lm?")
+    return {"state": {index[n]: s for n, s in state["state"].items() if n in index},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
