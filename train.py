@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
         say(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_s']:.0f} s; "
             f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits per byte")
+        if summary["skipped_steps"]:
+            say(f"{summary['skipped_steps']} steps skipped for a non-finite loss or gradient, "
+                f"{summary['rollbacks']} rollbacks to a checkpoint")
         if summary["tokens_per_s"]:
             say(f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of "
                 f"{summary['peak_flops'] / 1e9:,.0f} GFLOP/s; checkpoints and metrics.jsonl in {out}")

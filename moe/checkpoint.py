@@ -30,6 +30,9 @@ from .config import Config, ConfigError, config_from_dict
 from .tokenizer import load_tokenizer
 
 FILES = ("model.safetensors", "trainer.pt", "config.json", "tokenizer.json")
+# Fault injection for the tests: a process that saves this step's checkpoint kills itself with
+# SIGKILL halfway through writing it (the weights written, nothing else).
+CRASH_ENV = "MOE_CRASH_DURING_CHECKPOINT"
 
 
 class CheckpointError(ValueError):
@@ -50,6 +53,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        if os.environ.get(CRASH_ENV) == str(step):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer.to_str())
@@ -61,6 +68,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
+    except OSError as e:  # a full disk, a quota, a vanished mount: stop, and say what is still good
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir, warn=lambda _: None)
+        raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                              + (f"the last good one, {kept}, is intact" if kept else "no earlier checkpoint exists")
+                              ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

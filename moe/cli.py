@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import json
 import os
 import sys
@@ -41,8 +42,12 @@ def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     items = iter(rest)
     for item in items:
         key = item.removeprefix("--").split("=", 1)[0]
-        if item.startswith("--") and key.split(".", 1)[0] in SECTIONS and "." in key:
+        section = key.split(".", 1)[0]
+        if item.startswith("--") and section in SECTIONS and "." in key:
             overrides.append(item.removeprefix("--") if "=" in item else f"{key}={next(items, '')}")
+        elif item.startswith("--") and "." in key and difflib.get_close_matches(section, SECTIONS, n=1):
+            close = difflib.get_close_matches(section, SECTIONS, n=1)[0]
+            raise ConfigError(f"unknown section {section} in --{key}; did you mean --{close}.{key.split('.', 1)[1]}?")
         else:
             unknown.append(item)
     if unknown:

@@ -168,6 +168,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # A step whose loss or gradient is not finite is skipped (counted, logged); this many in a row
+    # roll the weights and optimizer back to the last good checkpoint, and training goes on
+    # past the data that broke them.
+    max_bad_steps: int = 3
     log_every: int = 10
     eval_every: int = 250
     eval_batches: int = 8
@@ -189,7 +193,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "batch_size_start", "micro_batch_size", "log_every",
-                     "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "expert_parallel"):
+                     "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "expert_parallel",
+                     "max_bad_steps"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}={value}: must be a positive integer")
         for name in ("ramp_tokens", "warmup_steps", "sample_tokens", "encoder_hold_steps"):

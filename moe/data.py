@@ -82,6 +82,11 @@ def _read_with_datasets(path: Path, text_field: str) -> list[str]:
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
     except Exception as e:  # datasets wraps decoding and schema errors in many types
+        cause = e
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ValueError(f"{path}: not UTF-8 text (byte {cause.start}: {cause.reason})") from None
         raise ValueError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {e})") from None
     if kind == "text":
         text_field = "text"

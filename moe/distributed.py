@@ -201,7 +201,7 @@ def _slice_experts(name: str, t, world: World, n_experts: int):
     return t[expert_slice(world, n_experts)].clone()
 
 
-def _whole(t):
+def whole(t):
     """A tensor as a whole on CPU: FSDP2's DTensor shards gathered (a collective), others as they are."""
     if isinstance(t, torch.Tensor) and hasattr(t, "full_tensor"):
         t = t.full_tensor()
@@ -221,7 +221,7 @@ def _like(t, param: torch.Tensor):
 
 def full_model_state(model: nn.Module, world: World) -> dict:
     """Every weight, whole, on CPU (every rank takes part)."""
-    return {name: _whole(_gather_experts(name, t, world)) for name, t in model.state_dict().items()}
+    return {name: whole(_gather_experts(name, t, world)) for name, t in model.state_dict().items()}
 
 
 def full_optimizer_state(optimizer, names: list[str], world: World, parallel: str) -> dict | None:
@@ -232,7 +232,7 @@ def full_optimizer_state(optimizer, names: list[str], world: World, parallel: st
         if not world.is_main:
             return None
     state = _by_name(optimizer.state_dict(), names)
-    state["state"] = {name: {k: _whole(_gather_experts(name, v, world)) for k, v in s.items()}
+    state["state"] = {name: {k: whole(_gather_experts(name, v, world)) for k, v in s.items()}
                       for name, s in state["state"].items()}
     return state
 

@@ -93,6 +93,7 @@ class Trainer:
         self.encoder_params = [p for name, p in self.model.named_parameters()
                                if name.startswith(("vision.encoder.", "vision.resampler.")) and p.requires_grad]
         self.step = self.tokens_seen = self.sequences_drawn = 0
+        self.skipped_steps = self.rollbacks = self.bad_in_a_row = 0  # non-finite steps (train_step)
         if options.resume_from:
             state = ckpt.load_trainer_state(options.resume_from)
             if "optimizer" not in state:
@@ -105,6 +106,7 @@ class Trainer:
             if "cuda_rng" in state and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.step, self.tokens_seen, self.sequences_drawn = state["step"], state["tokens_seen"], state["sequences_drawn"]
+            self.skipped_steps, self.rollbacks = state.get("skipped_steps", 0), state.get("rollbacks", 0)
         self.seq_len = mcfg.max_seq_len
         self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True, vision=bool(config.data.images))
         self.flops_per_image = self.model.flops_per_image(training=True)
@@ -147,6 +149,9 @@ class Trainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             record = self.train_step()
+            if not record["finite"] and self.world.is_main:
+                bar.write(f"step {self.step}: non-finite loss or gradient, step skipped "
+                          f"({self.skipped_steps} skipped so far)")
             for meter in (interval, whole):
                 meter.add(record, time.perf_counter() - t0)
             bar.update(1)
@@ -164,6 +169,7 @@ class Trainer:
         summary = {"type": "summary", "steps": self.step, "tokens_seen": self.tokens_seen,
                    "wall_s": time.perf_counter() - started, **evaluation,
                    "tokens_per_s": whole.tokens_per_s, "mfu": self.mfu(whole),
+                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                    "peak_flops": self.peak_flops, "run_dir": str(self.out)}
         self.write(summary)
         return summary
@@ -173,7 +179,8 @@ class Trainer:
 
     def log(self, record: dict, interval: Meter, bar: tqdm) -> None:
         log = {"type": "train", "step": self.step, "loss": interval.loss / interval.steps,
-               **{k: record[k] for k in ("ce_loss", "balance_loss", "z_loss", "lr", "batch_size")},
+               **{k: record[k] for k in ("ce_loss", "balance_loss", "z_loss", "lr", "batch_size", "skipped_steps",
+                                         "rollbacks")},
                "tokens_seen": self.tokens_seen, "tokens_per_s": interval.tokens_per_s,
                "mfu": self.mfu(interval), **expert_load(interval.expert_tokens, record["dropped"])}
         self.write(log)
@@ -220,21 +227,51 @@ class Trainer:
             expert_tokens = counts if expert_tokens is None else [a + b for a, b in zip(expert_tokens, counts)]
             dropped = drops if dropped is None else [a + b for a, b in zip(dropped, drops)]
         distributed.sync_gradients(self.model, world)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.sequences_drawn += n_seqs
-        self.tokens_seen += n_seqs * self.seq_len
-        if world.distributed:  # what all the ranks did together
+        if world.distributed:  # what all the ranks did together (so every rank decides alike below)
             totals = dict(zip(totals, distributed.mean(list(totals.values()), world)))
             expert_tokens, dropped = distributed.total(expert_tokens, world), distributed.total(dropped, world)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        finite = math.isfinite(totals["loss"]) and math.isfinite(float(distributed.whole(norm)))
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:  # a NaN or inf would poison the weights and Adam's moments for good: skip the step
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.sequences_drawn += n_seqs  # the batch is spent either way: a bad one is not seen again
+        self.tokens_seen += n_seqs * self.seq_len
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            self.roll_back()
+        if world.distributed:
             n_images = int(distributed.mean([n_images], world)[0] * world.size)
         flops = n_seqs * self.seq_len * self.flops_per_token
         flops += n_images * (self.flops_per_held_image if held else self.flops_per_image)
         return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len, "flops": flops,
+                "finite": finite, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                 "expert_tokens": [c.cpu() for c in expert_tokens], "dropped": [int(d) for d in dropped]}
+
+    def roll_back(self) -> None:
+        """After max_bad_steps non-finite steps in a row: the weights and optimizer state of the last
+        good checkpoint, as large runs do. The step and data counters go on, so the batches that
+        broke those steps are skipped."""
+        cfg, world = self.cfg, self.world
+        folder = ckpt.latest_checkpoint(self.out, warn=lambda _: None)
+        problem = f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradient (to step {self.step})"
+        if folder is None:
+            raise ConfigError(f"{problem} and no checkpoint to roll back to: lower train.lr or check the data")
+        if world.distributed and (cfg.parallel == "fsdp" or world.expert_parallel > 1):
+            raise ConfigError(f"{problem}; under {cfg.parallel if world.expert_parallel == 1 else 'expert parallelism'} "
+                              f"training stops here: continue from {folder} with --resume")
+        ckpt.load_weights(folder, self.model)
+        distributed.load_optimizer_state(self.model, self.optimizer, self.param_names,
+                                         ckpt.load_trainer_state(folder)["optimizer"], world, self.config.model.n_experts)
+        self.rollbacks += 1
+        self.bad_in_a_row = 0
+        self.write({"type": "rollback", "step": self.step, "to": folder.name, "skipped_steps": self.skipped_steps})
+        if world.is_main:
+            tqdm.write(f"step {self.step}: {problem}; rolled back to {folder.name} and going on past that data")
 
     @torch.no_grad()
     def evaluate(self, bar: tqdm | None = None) -> dict:
@@ -270,6 +307,7 @@ class Trainer:
         world, parallel = self.world, self.cfg.parallel
         optimizer = distributed.full_optimizer_state(self.optimizer, self.param_names, world, parallel)
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
+                 "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                  "optimizer": optimizer, "rng": torch.get_rng_state()}
         if self.device.type == "cuda":  # router jitter draws from the device's generator there
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
