@@ -84,9 +84,10 @@ class Trainer:
                 p.requires_grad_(name.startswith("vision."))
         self.model.to(self.device)
         self.world = world = options.world
-        if world.distributed and self.cfg.batch_size_start % world.size:
-            raise ConfigError(f"train.batch_size_start={self.cfg.batch_size_start} (and every batch size of the "
-                              f"ramp) must divide evenly among the {world.size} processes")
+        for name in ("batch_size_start", "batch_size"):
+            if world.distributed and getattr(self.cfg, name) % world.size:
+                raise ConfigError(f"train.{name}={getattr(self.cfg, name)} does not divide evenly among the "
+                                  f"{world.size} processes (the ramp's sizes in between are rounded down to a multiple)")
         self.forward = distributed.wrap(self.model, world, self.cfg.parallel, self.device)  # every rank: same init
         self.forward = torch.compile(self.forward) if options.compile else self.forward
         self.optimizer = self._make_optimizer()
@@ -127,8 +128,8 @@ class Trainer:
             # of steps. Adam moves a parameter about lr a step, so they get a larger rate.
             groups.append((gates, {"weight_decay": 0.0, "lr_scale": self.cfg.gate_lr_scale}))
         self.param_names = [name for names, _ in groups for name in names]  # the optimizer's order
-        return distributed.make_optimizer([{"params": [trainable[n] for n in names], **options} for names, options in groups],
-                                          self.world, self.cfg.parallel, lr=self.cfg.lr,
+        param_groups = [{"params": [trainable[n] for n in names], **options} for names, options in groups]
+        return distributed.make_optimizer(param_groups, self.world, self.cfg.parallel, lr=self.cfg.lr,
                                           betas=(self.cfg.beta1, self.cfg.beta2))
 
     def autocast(self):
