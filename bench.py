@@ -182,8 +182,8 @@ def decode(args, cfg: ModelConfig) -> dict:
         f"{k.upper()} {v / 1024:,.0f} KiB" for k, v in result["kv_cache_bytes_full_context"].items()))
     if args.compile:
         step = compile_decode_step(model)
-        compiled = benchmarks.decode(model, new_tokens=args.new_tokens, decode_step=step)
-        eager = benchmarks.decode(model, new_tokens=args.new_tokens)
+        compiled = benchmarks.batch1_decode(model, new_tokens=args.new_tokens, decode_step=step)
+        eager = benchmarks.batch1_decode(model, new_tokens=args.new_tokens)
         result["batch1_compiled"], result["batch1_eager"] = compiled, eager
         print(f"batch 1, compiled decode step: {compiled['cached_tokens_per_s']:.0f} tokens/s "
               f"(eager {eager['cached_tokens_per_s']:.0f}; without the KV cache {eager['uncached_tokens_per_s']:.0f})")
@@ -196,8 +196,7 @@ def experts(args, cfg: ModelConfig) -> dict:
     model, _, where = load_model(args, cfg)
     if model.cfg.n_experts == 1:
         raise ValueError(f"{where}: a dense model (model.n_experts=1) has no experts to count")
-    peaks = {"matmul_flops": 1.0, "bandwidth": 1.0}  # only the routing is read here
-    _, routing = benchmarks.decode_sweep(model, peaks, args.batch_sizes, (args.prompt_len,), args.new_tokens)
+    _, routing = benchmarks.decode_sweep(model, None, args.batch_sizes, (args.prompt_len,), args.new_tokens)
     result = benchmarks.expert_load(model.cfg, routing)
     E, k = model.cfg.n_experts, model.cfg.top_k
     print(f"tokens per expert per MoE layer at each of {args.new_tokens} decode steps, {where}, top-{k} of {E}")

@@ -177,13 +177,13 @@ def _percentiles(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0,
-           decode_step=None) -> dict:
-    """Batch-1 greedy decoding with the KV cache and without it, and token-to-token latency.
+def batch1_decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0,
+                  decode_step=None) -> dict:
+    """Batch-1 greedy decoding through `generate`, with the KV cache and without it, and
+    token-to-token latency (`decode_sweep` covers the batch sizes; this is the compiled step's check).
 
     `decode_step`: a compiled step (`sampling.compile_decode_step`) for the cached run.
     """
-    from .kv_cache import KVCache
     from .sampling import SamplingParams, generate, generate_uncached
 
     cfg = model.cfg
@@ -200,15 +200,12 @@ def decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: 
     start = time.perf_counter()
     generate_uncached(model, prompt, SamplingParams(max_new_tokens=uncached_tokens, temperature=0))
     uncached_s = time.perf_counter() - start
-    kv_bytes = {name: KVCache(dataclasses.replace(cfg, n_kv_heads=g), slots=1, device="meta").nbytes
-                for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
     return {
         "benchmark": "decode", "batch_size": 1, "prompt_len": prompt_len, "compiled": decode_step is not None,
         "cached_tokens_per_s": new_tokens / cached_s,
         "uncached_tokens_per_s": uncached_tokens / uncached_s,
         "first_token_ms": gaps[0] * 1e3,  # prefill + first sample
         "token_to_token_ms": {k: v * 1e3 for k, v in _percentiles(gaps[1:]).items()},
-        "kv_cache_bytes_full_context": kv_bytes,
     }
 
 
@@ -254,35 +251,36 @@ def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict
 # ---- decode across batch sizes, and the experts each step touches ----------------------------
 
 @torch.no_grad()
-def _decode_run(model, batch: int, prompt_len: int, new_tokens: int, generator: torch.Generator) -> dict:
-    """Prefill `batch` random prompts, then greedy-decode `new_tokens` steps: timings and routing."""
+def greedy_decode(model, prompts_BP: torch.Tensor, new_tokens: int, capacity: int | None = None) -> dict:
+    """Prefill a batch of prompts, then greedy-decode `new_tokens` steps, timing each: the prefill
+    and step seconds, the tokens per expert per MoE layer at every step, and the tokens."""
     from .kv_cache import KVCache
 
-    cfg, device = model.cfg, next(model.parameters()).device
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed model.max_seq_len={cfg.max_seq_len}")
-    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
-    cache = KVCache(cfg, batch, capacity=prompt_len + new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    device = next(model.parameters()).device
+    B, P = prompts_BP.shape
+    cache = KVCache(model.cfg, B, capacity=capacity or P + new_tokens, device=device,
+                    dtype=next(model.parameters()).dtype)
     sync(device)
     start = time.perf_counter()
-    logits = model(prompts, cache=cache).logits[:, -1]
+    logits = model(prompts_BP.to(device), cache=cache).logits[:, -1]
     sync(device)
-    prefill_s, step_s, counts = time.perf_counter() - start, [], []
+    prefill_s, step_s, counts, tokens = time.perf_counter() - start, [], [], []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        out = model(logits.argmax(-1, keepdim=True), cache=cache)
+        tokens.append(logits.argmax(-1, keepdim=True))
+        out = model(tokens[-1], cache=cache)
         logits = out.logits[:, -1]
         sync(device)
         step_s.append(time.perf_counter() - start)
         counts.append(torch.stack([s.tokens_per_expert for s in out.router_stats]).cpu() if out.router_stats else None)
-    return {"prefill_s": prefill_s, "step_s": step_s, "counts": counts}
+    return {"prefill_s": prefill_s, "step_s": step_s, "counts": counts, "tokens": torch.cat(tokens, dim=1).tolist()}
 
 
 @torch.no_grad()
-def decode_sweep(model, peaks: dict, batch_sizes=(1, 2, 4, 8, 16, 32, 64), prompt_lens=(16, 128),
+def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64), prompt_lens=(16, 128),
                  new_tokens: int = 32, seed: int = 0) -> tuple[dict, dict]:
     """Prefill and decode tokens/s at each batch size and prompt length, token-to-token latency,
-    and the FLOP/s and bytes/s achieved against the machine's peaks (`machine()`).
+    and the FLOP/s and bytes/s achieved, against the machine's peaks (`machine()`) when given.
 
     Bytes per decode step count what a step must read: every weight but the experts, the experts
     some token actually routed to (measured per layer), and the batch's whole KV cache.
@@ -298,11 +296,12 @@ def decode_sweep(model, peaks: dict, batch_sizes=(1, 2, 4, 8, 16, 32, 64), promp
     element = next(model.parameters()).element_size()
     kv_token = costmodel.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, element)
     generator = torch.Generator().manual_seed(seed)
-    _decode_run(model, 1, 8, 4, generator)  # warm up
+    random_prompts = lambda B, P: torch.randint(0, cfg.vocab_size, (B, P), generator=generator)  # noqa: E731
+    greedy_decode(model, random_prompts(1, 8), 4)  # warm up
     rows, routing = [], {}
     for prompt_len in prompt_lens:
         for batch in batch_sizes:
-            run = _decode_run(model, batch, prompt_len, new_tokens, generator)
+            run = greedy_decode(model, random_prompts(batch, prompt_len), new_tokens)
             flops = bytes_ = 0.0
             for i, counts in enumerate(run["counts"]):
                 context = prompt_len + i + 1
@@ -317,14 +316,16 @@ def decode_sweep(model, peaks: dict, batch_sizes=(1, 2, 4, 8, 16, 32, 64), promp
                 "decode_tokens_per_s": batch * new_tokens / seconds,
                 "p50_ms": latency["p50"], "p90_ms": latency["p90"], "p99_ms": latency["p99"],
                 "gflops": flops / seconds / 1e9, "gbytes_per_s": bytes_ / seconds / 1e9,
-                "mfu": flops / seconds / peaks["matmul_flops"], "mbu": bytes_ / seconds / peaks["bandwidth"],
             })
+            if peaks:
+                rows[-1].update(mfu=flops / seconds / peaks["matmul_flops"], mbu=bytes_ / seconds / peaks["bandwidth"])
             if prompt_len == prompt_lens[0] and run["counts"][0] is not None:
                 routing[batch] = torch.stack(run["counts"])  # (steps, layers, E)
     kv_full = {name: costmodel.kv_cache_bytes(dataclasses.replace(cfg, n_kv_heads=g), 1, cfg.max_seq_len, element)
                for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
-    result = {"benchmark": "decode", "new_tokens": new_tokens, "rows": rows, "kv_cache_bytes_full_context": kv_full,
-              "matmul_flops": peaks["matmul_flops"], "bandwidth": peaks["bandwidth"]}
+    result = {"benchmark": "decode", "new_tokens": new_tokens, "rows": rows, "kv_cache_bytes_full_context": kv_full}
+    if peaks:
+        result.update(matmul_flops=peaks["matmul_flops"], bandwidth=peaks["bandwidth"])
     return result, routing
 
 
@@ -371,18 +372,8 @@ def speculative_batch(target, draft, prompts_BP: torch.Tensor, new_tokens: int, 
             raise ValueError(f"prompt {P} + {new_tokens} new tokens + 2(k + 1) exceed model.max_seq_len="
                              f"{model.cfg.max_seq_len}")
     prompts_BP = prompts_BP.to(device)
-
-    # plain greedy decoding, the baseline
-    cache = KVCache(target.cfg, B, capacity=capacity, device=device)
-    logits = target(prompts_BP, cache=cache).logits[:, -1]
-    plain = []
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        plain.append(logits.argmax(-1, keepdim=True))
-        logits = target(plain[-1], cache=cache).logits[:, -1]
-    sync(device)
-    plain_s = time.perf_counter() - start
+    plain = greedy_decode(target, prompts_BP, new_tokens, capacity)  # the baseline
+    plain_s = sum(plain["step_s"])
 
     t_cache, d_cache = (KVCache(m.cfg, B, capacity=capacity, device=device) for m in (target, draft))
     target(prompts_BP[:, :-1], cache=t_cache)
@@ -423,14 +414,13 @@ def speculative_batch(target, draft, prompts_BP: torch.Tensor, new_tokens: int, 
         examined += int(live_n.sum() + (live_n < k).sum())  # each accepted token, and the one rejected
         emitted += int(live_n.sum()) + len(live_n)
     spec_s = draft_s + verify_s
-    plain_tokens = torch.cat(plain, dim=1).tolist()
     return {
         "batch": B, "k": k, "plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
         "acceptance": accepted / examined, "rounds": rounds,
         "tokens_per_target_forward": emitted / row_rounds,  # per row, while it runs
         "draft_cost_ratio": draft_s / (k + 1) / rounds / (plain_s / new_tokens),  # c: one draft step / one target step
         "verify_cost_ratio": verify_s / rounds / (plain_s / new_tokens),  # checking k + 1 tokens / one step
-        "matches_greedy": all(o[:new_tokens] == p for o, p in zip(out, plain_tokens)),
+        "matches_greedy": all(o[:new_tokens] == p for o, p in zip(out, plain["tokens"])),
     }
 
 

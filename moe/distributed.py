@@ -194,11 +194,11 @@ def _gather_experts(name: str, t: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _slice_experts(name: str, t, world: World, n_experts: int):
-    """This rank's share of a whole expert tensor (or of its optimizer moment)."""
+def _slice_experts(name: str, t, world: World):
+    """This rank's share of a whole expert tensor (or of its optimizer moment): E along dim 0."""
     if world.expert_parallel == 1 or not is_expert(name) or not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
-    return t[expert_slice(world, n_experts)].clone()
+    return t[expert_slice(world, t.shape[0])].clone()
 
 
 def whole(t):
@@ -237,14 +237,12 @@ def full_optimizer_state(optimizer, names: list[str], world: World, parallel: st
     return state
 
 
-def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: dict, world: World,
-                         n_experts: int) -> None:
+def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: dict, world: World) -> None:
     if state["state"] and isinstance(next(iter(state["state"])), int):  # an index-keyed checkpoint (older)
         optimizer.load_state_dict(state)
         return
     params = dict(model.named_parameters())
-    state = {**state, "state": {name: {k: _like(_slice_experts(name, v, world, n_experts), params[name])
-                                       for k, v in s.items()}
+    state = {**state, "state": {name: {k: _like(_slice_experts(name, v, world), params[name]) for k, v in s.items()}
                                 for name, s in state["state"].items() if name in params}}
     optimizer.load_state_dict(_by_index(state, names))
 

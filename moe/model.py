@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import costmodel
 from .attention import Attention, rope_tables
 from .config import ModelConfig
 from .experts import MoE, MoEOutput, RouterStats, SwiGLU
@@ -200,18 +201,11 @@ class MoETransformer(nn.Module):
         return ParamCounts(**counts, total=total, active=active)
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = False, vision: bool = False) -> int:
-        """Matmul FLOPs per token (PaLM appendix B, as nanoGPT and torchtitan count them).
-
-        Forward: 2 per active matmul weight (experts count k / E; the output head always counts,
-        the embedding lookup never) plus 4 * n_layers * n_heads * head_dim * seq_len for
-        attention scores and values. Training (forward + backward) is 3x that. The vision
-        branch's share, for a token that sees an image, is counted when `vision=True`.
-        """
-        cfg, counts = self.cfg, self.param_counts()
-        seq_len = seq_len or cfg.max_seq_len
-        head = cfg.vocab_size * cfg.d_model
-        matmul = counts.active - counts.norm - counts.embedding - counts.vision + head
-        forward = 2 * matmul + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        """Matmul FLOPs per token (PaLM appendix B, as nanoGPT and torchtitan count them; the
+        arithmetic is `costmodel.flops_per_token`'s): 2 per active matmul weight plus attention,
+        x3 for training. The vision branch's share, for a token that sees an image, is added when
+        `vision=True`."""
+        forward = costmodel.flops_per_token(self.cfg, seq_len or self.cfg.max_seq_len)
         if vision and self.vision is not None:
             forward += self.vision.flops_per_token()
         return 3 * forward if training else forward

@@ -101,8 +101,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{options.resume_from} holds weights only (imported from "
                                            f"{state.get('imported_from', 'elsewhere')}): start a run from it "
                                            f"with --init-from instead of --resume")
-            distributed.load_optimizer_state(self.model, self.optimizer, self.param_names, state["optimizer"],
-                                             world, mcfg.n_experts)
+            distributed.load_optimizer_state(self.model, self.optimizer, self.param_names, state["optimizer"], world)
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -246,7 +245,7 @@ class Trainer:
         if self.bad_in_a_row >= cfg.max_bad_steps:
             self.roll_back()
         if world.distributed:
-            n_images = int(distributed.mean([n_images], world)[0] * world.size)
+            n_images = int(distributed.total([torch.tensor(n_images)], world)[0])
         flops = n_seqs * self.seq_len * self.flops_per_token
         flops += n_images * (self.flops_per_held_image if held else self.flops_per_image)
         return {**totals, "lr": lr, "batch_size": n_seqs, "tokens": n_seqs * self.seq_len, "flops": flops,
@@ -267,7 +266,7 @@ class Trainer:
                               f"training stops here: continue from {folder} with --resume")
         ckpt.load_weights(folder, self.model)
         distributed.load_optimizer_state(self.model, self.optimizer, self.param_names,
-                                         ckpt.load_trainer_state(folder)["optimizer"], world, self.config.model.n_experts)
+                                         ckpt.load_trainer_state(folder)["optimizer"], world)
         self.rollbacks += 1
         self.bad_in_a_row = 0
         self.write({"type": "rollback", "step": self.step, "to": folder.name, "skipped_steps": self.skipped_steps})

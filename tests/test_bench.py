@@ -133,12 +133,8 @@ def test_decode_sweep_counts_the_experts_it_touched(tiny_model):
 
 
 @pytest.mark.parametrize("noise", [0.0, 3.0])
-def test_batched_speculative_decoding_is_plain_greedy_row_by_row(tiny_model, noise):
-    draft = MoETransformer(tiny_model.cfg).eval()
-    draft.load_state_dict(tiny_model.state_dict())
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * noise * p.std())
+def test_batched_speculative_decoding_is_plain_greedy_row_by_row(tiny_model, noise, noisy_copy):
+    draft = noisy_copy(tiny_model, noise)
     prompts = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(1))
     r = benchmarks.speculative_batch(tiny_model, draft, prompts, new_tokens=12, k=3)
     assert r["matches_greedy"]

@@ -19,16 +19,6 @@ def target(tiny):
     return MoETransformer(tiny).eval()
 
 
-def noisy_copy(model, scale):
-    """A draft that agrees with the target often but not always."""
-    copy = MoETransformer(model.cfg).eval()
-    copy.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.add_(torch.randn_like(p) * scale * p.std())
-    return copy
-
-
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("grad", [True, False])  # without gradients, few tokens take Experts.decode
 def test_cached_decode_equals_the_full_forward_logits(tiny, n_kv_heads, grad):
@@ -127,7 +117,7 @@ def test_static_batching_waits_for_the_whole_batch(target):
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.3, 3.0])  # draft = target (all accepted), close, unrelated
-def test_greedy_speculative_output_is_the_plain_greedy_output(target, noise):
+def test_greedy_speculative_output_is_the_plain_greedy_output(target, noise, noisy_copy):
     draft = noisy_copy(target, noise)
     stats = SpeculativeStats()
     for k in (1, 4):
@@ -139,7 +129,7 @@ def test_greedy_speculative_output_is_the_plain_greedy_output(target, noise):
         assert stats.acceptance_rate < 0.5
 
 
-def test_speculative_sampling_is_distributed_exactly_as_the_target():
+def test_speculative_sampling_is_distributed_exactly_as_the_target(noisy_copy):
     cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_experts=4, top_k=2, d_ff=16,
                       max_seq_len=16, init_std=0.3)
     torch.manual_seed(1)
