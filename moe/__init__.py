@@ -1,7 +1,16 @@
 """moe: a small, readable GPT-4-style Mixture-of-Experts transformer.
 
-The configs and the cost model (`moe.config`, `moe.costmodel`) are plain Python; everything that
-needs torch is imported on first use, so `import moe.costmodel` works on a machine without it.
+The package reads floor by floor; each floor imports only from the floors below it:
+
+    0  config, costmodel, tokenizer, files, shapes   plain Python (costmodel and config need no torch)
+       cli, hardware                                 command-line plumbing, the machine's roofline
+    1  model/                                        the transformer, routing, dispatch, experts, vision
+    2  data/, checkpoint                             text and image-caption data; checkpoints on disk
+    3  infer/                                        sampling, continuous batching, speculative decoding
+    4  train/                                        the trainer, distributed layouts
+    5  bench/, hf                                    benchmarks and claims, Hugging Face interop
+
+The public API below is imported on first use, so `import moe.costmodel` works without torch.
 """
 
 import importlib
@@ -9,10 +18,10 @@ import importlib
 from .config import Config, ConfigError, ModelConfig, load_config
 
 _LAZY = {
-    "experts": ("MoE", "MoEOutput", "RouterStats", "SwiGLU", "moe_reference"),
-    "model": ("ModelOutput", "MoETransformer", "ParamCounts"),
-    "routing": ("Dispatch", "Routing", "expert_capacity", "load_balancing_loss", "plan_dispatch", "route",
-                "router_z_loss"),
+    "model": ("KVCache", "MoE", "MoEOutput", "ModelOutput", "MoETransformer", "ParamCounts", "RouterStats", "SwiGLU",
+              "moe_reference"),
+    "model.routing": ("Dispatch", "Routing", "expert_capacity", "load_balancing_loss", "plan_dispatch", "route",
+                      "router_z_loss"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 

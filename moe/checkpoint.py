@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +29,8 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 
 from .config import Config, ConfigError, config_from_dict
+from .files import atomic_folder
+from .model import MoETransformer
 from .tokenizer import load_tokenizer
 
 FILES = ("model.safetensors", "trainer.pt", "config.json", "tokenizer.json")
@@ -47,36 +51,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
                     config: Config, tokenizer: Tokenizer, keep: int) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    final = root / f"step-{step:07d}"  # a step saved again after a resume is replaced whole
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        if os.environ.get(CRASH_ENV) == str(step):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        (tmp / "tokenizer.json").write_text(tokenizer.to_str())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        for name in (*FILES, "manifest.json"):
-            _fsync(tmp / name)
-        if final.exists():  # a step saved again after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        with atomic_folder(final) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            if os.environ.get(CRASH_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save(trainer_state, tmp / "trainer.pt")
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            (tmp / "tokenizer.json").write_text(tokenizer.to_str())
+            manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     except OSError as e:  # a full disk, a quota, a vanished mount: stop, and say what is still good
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(run_dir, warn=lambda _: None)
         raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
                               + (f"the last good one, {kept}, is intact" if kept else "no earlier checkpoint exists")
                               ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -138,18 +128,18 @@ def load_config_from(folder: Path, overrides: list[str] | tuple[str, ...] = ()) 
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
-def load_weights(folder: Path, model: torch.nn.Module, may_lack: str | None = None) -> None:
+def load_weights(folder: Path, model: torch.nn.Module, may_lack: Callable[[str], bool] | None = None) -> None:
     """The checkpoint's weights into `model`, every one of them, shapes checked.
 
-    `may_lack`: a name prefix of parameters the checkpoint need not hold; they keep their
-    initial values (a text model's weights into a model with a new vision branch: "vision.").
+    `may_lack(name)`: parameters the checkpoint need not hold; they keep their initial values
+    (a text model's weights into a model with a new vision branch: `params.is_vision`).
     """
     try:
         missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
     except RuntimeError as e:  # shape mismatch, reported by torch on several lines
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{folder}: weights do not fit this model ({' '.join(l.strip() for l in first[:3])})") from None
-    missing = sorted(k for k in missing if not (may_lack and k.startswith(may_lack)))
+    missing = sorted(k for k in missing if not (may_lack and may_lack(k)))
     if missing or unexpected:
         problems = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
                     for label, keys in (("missing", missing), ("unexpected", sorted(unexpected))) if keys]
@@ -166,8 +156,6 @@ def load_checkpoint_tokenizer(folder: Path) -> Tokenizer:
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, tokenizer) from a checkpoint folder or a run directory, for inference."""
-    from .model import MoETransformer
-
     folder = resolve_checkpoint(path)
     model = MoETransformer(load_config_from(folder).model)
     load_weights(folder, model)
@@ -188,11 +176,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: config flags, dotted overrides, one-line errors."""
+"""Shared command-line plumbing: config flags, dotted overrides, argument types, one-line errors, tables."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, ModelConfig, load_config
-from .model import MoETransformer
+from .config import Config, ConfigError, load_config
 
 SECTIONS = tuple(f.name for f in fields(Config))
 
@@ -107,24 +106,20 @@ def write_json(path: str | None, result: dict) -> None:
         print(f"wrote {path}")
 
 
-def describe_model(cfg: ModelConfig) -> str:
-    """One line: size, active size and FLOPs per token, from shapes only (built on `meta`)."""
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    counts = model.param_counts()
-    line = (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
-            f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, "
-            f"top-{cfg.top_k} of {cfg.n_experts} experts), "
-            f"{_count(model.flops_per_token(), 'G', 'M')}FLOP per token forward at context {cfg.max_seq_len}")
-    if cfg.vision is not None:
-        line += (f"; vision branch {_count(counts.vision)} parameters ({len(model.vision.xattn)} gated "
-                 f"cross-attention blocks, {cfg.vision.n_latents} visual tokens per image), "
-                 f"{_count(model.flops_per_image(), 'G', 'M')}FLOP per image")
-    return line
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
 
 
-def _count(n: int, billion: str = "B", million: str = "M") -> str:
-    return f"{n / 1e9:,.1f} {billion}" if n >= 1e9 else f"{n / 1e6:,.2f} {million}"
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: `1,2,4` -> (1, 2, 4), each >= 1."""
+    return tuple(positive_int(x) for x in text.split(","))
 
 
 def device_arg(text: str) -> torch.device:

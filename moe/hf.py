@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -39,6 +37,9 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .cli import run
 from .config import Config, ConfigError, ModelConfig
+from .files import atomic_folder
+from .model import MoETransformer
+from .model.params import is_vision, param_kind
 from .tokenizer import EOT, PAD, load_tokenizer
 
 INSTALL = "the Hugging Face commands need transformers: pip install -e '.[hf]'"
@@ -114,28 +115,46 @@ def from_hf_config(hf: dict, where: Path) -> ModelConfig:
 ATTENTION = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
 
 
-def to_hf_weights(model) -> dict[str, Tensor]:
-    """The model's text weights under Mixtral's on-disk names and layouts."""
-    cfg, ours = model.cfg, model.state_dict()
-    out = {"model.embed_tokens.weight": ours["tok_emb.weight"], "model.norm.weight": ours["norm.weight"]}
+def one_to_one(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(our name, Mixtral's) of every tensor that maps as it is: all but the FFNs'."""
+    pairs = [("tok_emb.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = ours["lm_head.weight"]
+        pairs.append(("lm_head.weight", "lm_head.weight"))
     for i in range(cfg.n_layers):
         a, b = f"blocks.{i}.", f"model.layers.{i}."
-        out[b + "input_layernorm.weight"] = ours[a + "attn_norm.weight"]
-        out[b + "post_attention_layernorm.weight"] = ours[a + "ffn_norm.weight"]
-        for mine, theirs in ATTENTION:
-            out[f"{b}self_attn.{theirs}.weight"] = ours[f"{a}attn.{mine}.weight"]
-        moe = b + "block_sparse_moe."
+        pairs += [(a + "attn_norm.weight", b + "input_layernorm.weight"),
+                  (a + "ffn_norm.weight", b + "post_attention_layernorm.weight")]
+        pairs += [(f"{a}attn.{mine}.weight", f"{b}self_attn.{theirs}.weight") for mine, theirs in ATTENTION]
+    return pairs
+
+
+def to_hf_weights(model) -> dict[str, Tensor]:
+    """The model's text weights under Mixtral's on-disk names and layouts (every parameter but the
+    vision branch's, which Mixtral cannot hold)."""
+    cfg, ours = model.cfg, model.state_dict()
+    left = {name for name in ours if not is_vision(name)}
+
+    def take(name: str) -> Tensor:
+        left.discard(name)
+        return ours[name]
+
+    out = {theirs: take(mine) for mine, theirs in one_to_one(cfg)}
+    for i in range(cfg.n_layers):
+        a, moe = f"blocks.{i}.", f"model.layers.{i}.block_sparse_moe."
         if cfg.is_moe_layer(i):
-            out[moe + "gate.weight"] = ours[a + "ffn.router.weight"]
+            out[moe + "gate.weight"] = take(a + "ffn.router.weight")
             for w in ("w1", "w2", "w3"):
-                for e, weight in enumerate(ours[f"{a}ffn.experts.{w}"]):
+                for e, weight in enumerate(take(f"{a}ffn.experts.{w}")):
                     out[f"{moe}experts.{e}.{w}.weight"] = weight.T
         else:  # dense: one expert, always chosen
-            out[moe + "gate.weight"] = ours[a + "ffn.w1.weight"].new_zeros(1, cfg.d_model)
+            out[moe + "gate.weight"] = take(a + "ffn.w1.weight").new_zeros(1, cfg.d_model)
             for w in ("w1", "w2", "w3"):
-                out[f"{moe}experts.0.{w}.weight"] = ours[f"{a}ffn.{w}.weight"]
+                out[f"{moe}experts.0.{w}.weight"] = take(f"{a}ffn.{w}.weight")
+    if cfg.tie_embeddings:
+        left.discard("lm_head.weight")  # the embedding's own tensor, exported once
+    if left:  # a parameter added to the model without a place in this mapping
+        name = sorted(left)[0]
+        raise ValueError(f"parameter {name} ({param_kind(name)}) has no Mixtral name in moe/hf.py")
     return {name: t.detach().contiguous().clone() for name, t in out.items()}
 
 
@@ -149,15 +168,9 @@ def from_hf_weights(cfg: ModelConfig, hf: dict[str, Tensor], where: Path) -> dic
         used.add(name)
         return hf[name]
 
-    ours = {"tok_emb.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        ours["lm_head.weight"] = take("lm_head.weight")
+    ours = {mine: take(theirs) for mine, theirs in one_to_one(cfg)}
     for i in range(cfg.n_layers):
         a, b = f"blocks.{i}.", f"model.layers.{i}."
-        ours[a + "attn_norm.weight"] = take(b + "input_layernorm.weight")
-        ours[a + "ffn_norm.weight"] = take(b + "post_attention_layernorm.weight")
-        for mine, theirs in ATTENTION:
-            ours[f"{a}attn.{mine}.weight"] = take(f"{b}self_attn.{theirs}.weight")
         experts = _experts(take, hf, b, cfg.n_experts)  # w1, w3: (E, F, D); w2: (E, D, F)
         if cfg.is_moe_layer(i):
             ours[a + "ffn.router.weight"] = take(b + ("mlp." if b + "mlp.gate.weight" in hf else "block_sparse_moe.")
@@ -229,19 +242,10 @@ def export(checkpoint: str | Path, out: str | Path, warn=print) -> Path:
         warn(f"note: {folder} has a vision branch; Mixtral is text-only, so only the text model is exported")
     eot, pad = tokenizer.token_to_id(EOT), tokenizer.token_to_id(PAD)
     hf_config = to_hf_config(model.cfg, eot, pad)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         hf_config.save_pretrained(tmp)
         save_file(to_hf_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer(tmp, tokenizer, model.cfg.max_seq_len)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -259,8 +263,6 @@ def import_(hf_dir: str | Path, out: str | Path) -> Path:
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"{hf_dir}: tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
                           f"vocab_size={cfg.vocab_size}")
-    from .model import MoETransformer
-
     with torch.device("meta"):
         model = MoETransformer(cfg)
     weights = from_hf_weights(cfg, read_hf_tensors(hf_dir), hf_dir)
@@ -275,7 +277,7 @@ def import_(hf_dir: str | Path, out: str | Path) -> Path:
     return ckpt.save_checkpoint(out, 0, model, state, config, tokenizer, keep=1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moe.hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -287,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show full tracebacks on error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "export":
         print(f"wrote {export(args.checkpoint, args.out)}")
     else:

@@ -17,6 +17,7 @@ IMAGE = "<|image|>"  # where an image sits in interleaved text (vision)
 USER = "<|user|>"  # instruction turns
 ASSISTANT = "<|assistant|>"
 SPECIAL_TOKENS = [EOT, PAD, IMAGE, USER, ASSISTANT]
+IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)  # special tokens have fixed ids in every vocabulary
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -7,9 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from moe import load_config
-from moe.distributed import expert_slice, init, shard_experts
-from moe.experts import MoE
+from moe import MoE, load_config
+from moe.train.distributed import expert_slice, init, shard_experts
 
 world, _ = init(torch.device("cpu"), expert_parallel=2)
 cfg = load_config("tiny").model

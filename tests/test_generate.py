@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoETransformer, load_config
-from moe.engine import Engine, Request
-from moe.kv_cache import KVCache
-from moe.sampling import SamplingParams, generate, generate_uncached, probabilities, sample_next
-from moe.speculative import SpeculativeStats, speculative_generate
+from moe.infer.engine import Engine, Request
+from moe.infer.sampling import (
+    SamplingParams,
+    generate,
+    generate_uncached,
+    probabilities,
+    sample_next,
+)
+from moe.infer.speculative import SpeculativeStats, speculative_generate
+from moe.model.dispatch import DECODE_TOKENS, DecodeDispatcher, LocalDispatcher
+from moe.model.kv_cache import KVCache
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 
@@ -20,7 +27,7 @@ def target(tiny):
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("grad", [True, False])  # without gradients, few tokens take Experts.decode
+@pytest.mark.parametrize("grad", [True, False])  # without gradients, decode=True takes the DecodeDispatcher
 def test_cached_decode_equals_the_full_forward_logits(tiny, n_kv_heads, grad):
     model = MoETransformer(replace(tiny, n_kv_heads=n_kv_heads)).eval()
     tokens = torch.randint(0, tiny.vocab_size, (3, 24))
@@ -30,7 +37,7 @@ def test_cached_decode_equals_the_full_forward_logits(tiny, n_kv_heads, grad):
         prefill = model(tokens[:, :10], cache=cache)
         torch.testing.assert_close(prefill.logits, full.logits[:, :10])
         for t in range(10, 24):
-            step = model(tokens[:, t : t + 1], cache=cache)
+            step = model(tokens[:, t : t + 1], cache=cache, decode=not grad)
             torch.testing.assert_close(step.logits[:, 0], full.logits[:, t], atol=1e-5, rtol=1e-5)
             routed = sum(s.tokens_per_expert.sum() for s in step.router_stats)
             assert routed == 3 * tiny.top_k * tiny.n_layers
@@ -45,12 +52,26 @@ def test_decode_routing_choices_match_the_full_forward(tiny):
         lambda mod, args, out: chosen.append(mod.router_logits(args[0].reshape(-1, tiny.d_model)).topk(2).indices))
     model(tokens)
     cache = KVCache(tiny, slots=1)
-    model(tokens[:, :8], cache=cache)
-    for t in range(8, 16):
-        model(tokens[:, t : t + 1], cache=cache)
+    with torch.no_grad():
+        model(tokens[:, :8], cache=cache, decode=True)
+        for t in range(8, 16):
+            model(tokens[:, t : t + 1], cache=cache, decode=True)
     hook.remove()
     full, prefill, steps = chosen[0], chosen[1], chosen[2:]
     assert torch.equal(torch.cat([prefill, *steps]), full)
+
+
+def test_decoding_is_the_callers_explicit_choice(tiny):
+    model = MoETransformer(tiny).eval()
+    tokens = torch.randint(0, tiny.vocab_size, (1, 5))
+    local = model.blocks[0].ffn.dispatcher
+    assert isinstance(local.for_decoding(DECODE_TOKENS), DecodeDispatcher)
+    assert local.for_decoding(DECODE_TOKENS + 1) is local  # a long prefill sorts as training does
+    assert LocalDispatcher(capacity_factor=1.0).for_decoding(1).capacity_factor == 1.0  # drops need the batch
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        model(tokens, decode=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, decode=True).logits, model(tokens).logits)
 
 
 def test_cache_is_n_heads_times_smaller_under_mqa(tiny):
@@ -166,7 +187,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe.trainer import RunOptions, Trainer
+from moe.train.trainer import RunOptions, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,7 +252,7 @@ def test_generate_errors_are_one_clear_line(run_dir, args, message):
 
 
 def test_the_decode_step_compiles_to_one_graph_and_matches_eager(target):
-    from moe.sampling import compile_decode_step
+    from moe.infer.sampling import compile_decode_step
 
     torch._dynamo.reset()
     step = compile_decode_step(target)  # fullgraph: a graph break or host sync would raise

@@ -14,7 +14,7 @@ from moe import MoETransformer, load_config
 from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.hf import export, import_
-from moe.sampling import SamplingParams, generate
+from moe.infer.sampling import SamplingParams, generate
 from moe.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import MoE, MoETransformer, SwiGLU, load_config
-from moe.attention import apply_rope, rope_tables
+from moe.model.attention import apply_rope, rope_tables
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from moe import checkpoint as ckpt
 from moe import load_config
-from moe.trainer import RunOptions, Trainer
+from moe.train.trainer import RunOptions, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

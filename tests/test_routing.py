@@ -1,11 +1,22 @@
 """The routing specification, one property per test."""
 
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import MoE, ModelConfig, SwiGLU, expert_capacity, load_balancing_loss, moe_reference, plan_dispatch, route, router_z_loss
+from moe import (
+    ModelConfig,
+    MoE,
+    SwiGLU,
+    expert_capacity,
+    load_balancing_loss,
+    moe_reference,
+    plan_dispatch,
+    route,
+    router_z_loss,
+)
 
 E, K = 16, 2
 

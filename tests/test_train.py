@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from moe import checkpoint as ckpt
-from moe import data as data_module
 from moe.config import TrainConfig, load_config
-from moe.data import InstructData, prepare_data
+from moe.data import corpus as data_module
+from moe.data.corpus import InstructData, prepare_data
 from moe.tokenizer import ASSISTANT, EOT, USER
-from moe.trainer import RunOptions, Trainer, batch_size_at, lr_at
+from moe.train.trainer import RunOptions, Trainer, batch_size_at, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 

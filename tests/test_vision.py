@@ -15,13 +15,14 @@ from PIL import Image
 from moe import MoETransformer
 from moe import checkpoint as ckpt
 from moe.config import VisionConfig, load_config
-from moe.engine import Engine, Request
-from moe.image_data import CaptionData, caption_accuracy, render_digits, render_shape
-from moe.kv_cache import KVCache
-from moe.sampling import SamplingParams, generate, generate_uncached
-from moe.tokenizer import train_tokenizer
-from moe.trainer import RunOptions, Trainer
-from moe.vision import IMAGE_ID, media_index
+from moe.data.captions import CaptionData, render_digits, render_shape
+from moe.infer.engine import Engine, Request
+from moe.infer.sampling import SamplingParams, generate, generate_uncached
+from moe.model.kv_cache import KVCache
+from moe.model.vision import media_index
+from moe.tokenizer import IMAGE_ID, train_tokenizer
+from moe.train.evaluate import caption_accuracy
+from moe.train.trainer import RunOptions, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_VISION = VisionConfig(image_size=16, patch_size=4, d_vision=32, vit_layers=1, vit_heads=2,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .sampling import SamplingParams, new_token_budget, sample_next
 
 
@@ -24,7 +24,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: int = 0
-    images: torch.Tensor | None = None  # (M, C, S, S) for the prompt's <|image|> tokens, in order
+    images: torch.Tensor | None = None  # (M, C, W, W) for the prompt's <|image|> tokens, in order
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Engine:
         slots = sorted(self.running)
         rows = torch.tensor(slots, device=self.device)
         last = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
-        out = self.model(last, cache=self.cache, rows=rows)
+        out = self.model(last, cache=self.cache, rows=rows, decode=True)
         self.steps.append(StepRecord(len(slots), [s.tokens_per_expert.tolist() for s in out.router_stats]))
         for i, slot in enumerate(slots):
             self._append(slot, out.logits[i, -1])
@@ -102,7 +102,8 @@ class Engine:
         self.running[slot] = _Running(request, request.params.generator(self.device), submitted_s=submitted_s)
         rows = torch.tensor([slot], device=self.device)
         images = None if request.images is None else request.images[None].to(self.device)
-        out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows, images=images)
+        out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows, images=images,
+                         decode=True)
         self._append(slot, out.logits[0, -1])
 
     def _append(self, slot: int, logits_V: torch.Tensor) -> None:

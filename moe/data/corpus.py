@@ -1,4 +1,4 @@
-"""Training data: sources read once, tokenised once into memory-mapped arrays, sampled statelessly.
+"""Text data: sources read once, tokenised once into memory-mapped arrays, sampled statelessly.
 
 A source is a list of documents: the built-in `docs` (the English text of `pydoc_data.topics`),
 `code` (the standard library's .py files), or local .txt / .jsonl / .parquet files read with
@@ -22,15 +22,17 @@ import random
 import sys
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .config import DataConfig, ModelConfig
-from .tokenizer import ASSISTANT, EOT, PAD, USER, load_tokenizer, train_tokenizer
+from ..config import DataConfig, ModelConfig
+from ..files import atomic_write, read_jsonl
+from ..tokenizer import ASSISTANT, EOT, PAD, USER, load_tokenizer, train_tokenizer
+from .batches import Batch
+from .captions import CaptionData
 
 BUILTIN_SOURCES = ("docs", "code")
 FILE_KINDS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -132,7 +134,7 @@ def build_tokenizer(cfg: DataConfig, vocab_size: int, documents: Callable[[str],
             sample.append(doc)
             taken += len(doc)
     tokenizer = train_tokenizer(sample, vocab_size)
-    _atomic_write(path, tokenizer.to_str().encode())
+    atomic_write(path, tokenizer.to_str().encode())
     return tokenizer
 
 
@@ -153,8 +155,8 @@ def tokenize_source(cfg: DataConfig, name: str, documents: Callable[[str], list[
         val_bytes = len(tokenizer.decode(val.tolist(), skip_special_tokens=False).encode("utf-8"))
         folder.mkdir(parents=True, exist_ok=True)
         for split, array in (("train", train), ("val", val)):
-            _atomic_write(folder / f"{split}.npy", _npy_bytes(array))
-        _atomic_write(meta_path, json.dumps({"source": name, "train_tokens": len(train), "val_tokens": len(val),
+            atomic_write(folder / f"{split}.npy", _npy_bytes(array))
+        atomic_write(meta_path, json.dumps({"source": name, "train_tokens": len(train), "val_tokens": len(val),
                                              "val_bytes": val_bytes}).encode())
     meta = json.loads(meta_path.read_text())
     return {
@@ -171,24 +173,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---- sampling -------------------------------------------------------------------------------
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T) token ids
-    targets: torch.Tensor  # (B, T) next tokens, -100 where no loss is taken
-    images: torch.Tensor | None = None  # (B, M, C, S, S) for the <|image|> tokens of image-caption data
-
 
 class PretrainData:
     """The packed token streams of all sources, sampled in proportion to tokens x epochs."""
@@ -230,20 +215,12 @@ class InstructData:
     def __init__(self, path: str | Path, tokenizer: Tokenizer, val_fraction: float, seed: int = 0):
         self.seed = seed
         self.tokenizer = tokenizer
-        examples = []
         path = Path(path).expanduser()
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"data.instruct {path}: no such file") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                examples.append((str(record["prompt"]), str(record["response"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with \"prompt\" and \"response\"") from None
+            records = read_jsonl(path, ("prompt", "response"))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.instruct {e}") from None
+        examples = [(str(r["prompt"]), str(r["response"])) for _, r in records]
         if len(examples) < 2:
             raise ValueError(f"{path}: needs at least 2 examples (one is held out), found {len(examples)}")
         n_val = max(int(len(examples) * val_fraction), 1)
@@ -296,8 +273,6 @@ def prepare_data(cfg: DataConfig, model: ModelConfig, seed: int, tokenizer: Toke
     if tokenizer.get_vocab_size() != model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size={model.vocab_size}")
     if cfg.images:
-        from .image_data import CaptionData  # here, as image_data builds on this module's Batch
-
         return tokenizer, CaptionData(cfg, model.vision, tokenizer, seed)
     if cfg.instruct:
         return tokenizer, InstructData(cfg.instruct, tokenizer, cfg.val_fraction, seed)

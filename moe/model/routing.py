@@ -3,11 +3,8 @@
 Everything here is a pure function of tensors returning named tuples, so routing can be
 unit-tested (or reused) without building a model.
 
-Shape legend:
-    T  tokens (batch and time flattened)
-    E  experts
-    K  experts chosen per token (top-k)
-    A  assignments kept by dispatch (T * K when dropless)
+Shape letters (moe/shapes.py): T tokens (batch and time flattened), E experts, K experts
+chosen per token (top-k), A assignments kept by dispatch (T * K when dropless).
 
 Semantics are Mixtral's: fp32 softmax over all E router logits, top-k, gates renormalised over
 the k chosen. The load-balancing loss is Switch's `E * sum_i f_i * P_i` with f_i the share of

@@ -1,12 +1,13 @@
 """The decoder-only MoE transformer, readable top-down.
 
-Shape legend: B batch, T time, D model dim, V vocabulary, E experts, K experts per token.
+Shape letters (moe/shapes.py): B batch, T time, D model width, V vocabulary.
 
 Architecture (exactly Mixtral's, so checkpoints export to transformers and match its logits):
 token embedding -> n_layers x [x + attn(rmsnorm(x)); x + ffn(rmsnorm(x))] -> rmsnorm -> lm_head,
 where ffn is a top-k mixture of SwiGLU experts on MoE layers and one SwiGLU elsewhere.
 With a `[model.vision]` config, gated cross-attention to the images (`vision.py`) runs before
-every `xattn_every`-th layer.
+every `xattn_every`-th layer. What each parameter is (for its initialisation, counting,
+freezing and learning rate) is decided in one place, `params.py`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import costmodel
+from .. import costmodel
+from ..config import ModelConfig
+from ..tokenizer import IMAGE_ID
 from .attention import Attention, rope_tables
-from .config import ModelConfig
-from .experts import MoE, MoEOutput, RouterStats, SwiGLU
+from .dispatch import RouterStats
+from .experts import SwiGLU
 from .kv_cache import CacheStep, KVCache
+from .moe_layer import MoE, MoEOutput
 from .norm import RMSNorm
-from .vision import IMAGE_ID, NO_VISION, VisionBranch, media_index
+from .params import VISION, Init, Kind, param_kind, param_rule
+from .vision import NO_VISION, VisionBranch, media_index
 
 
 class ModelOutput(NamedTuple):
@@ -58,11 +63,11 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv: CacheStep | None = None,
-                with_losses: bool = True) -> tuple[Tensor, MoEOutput | None]:
+                with_losses: bool = True, decode: bool = False) -> tuple[Tensor, MoEOutput | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, kv)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
-            moe = self.ffn(h_BTD, with_losses)
+            moe = self.ffn(h_BTD, with_losses, decode)
             return x_BTD + moe.y, moe
         return x_BTD + self.ffn(h_BTD), None
 
@@ -92,32 +97,35 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """N(0, init_std); projections into the residual stream scaled by 1/sqrt(2 n_layers) (GPT-2);
-        norms 1; the vision branch's gates 0, so it starts as the identity, and its encoder as a ViT's."""
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        """Each parameter as its rule in `params.py` says: N(0, init_std); projections into the
+        residual stream scaled by 1/sqrt(2 n_layers) (GPT-2); norms 1; the vision branch's gates 0,
+        so it starts as the identity, and its encoder as a ViT's."""
+        std = {Init.NORMAL: self.cfg.init_std, Init.RESIDUAL: self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)}
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            init = param_rule(name).init
+            if init == Init.ONES:
                 p.fill_(1.0)
-            elif name.endswith("_gate"):
+            elif init == Init.ZEROS:
                 p.zero_()
-            elif name.endswith(("attn.wo.weight", "ffn.w2.weight", "experts.w2")):
-                p.normal_(0.0, residual_std)
             else:
-                p.normal_(0.0, self.cfg.init_std)
+                p.normal_(0.0, std[init])
         if self.vision is not None:
             self.vision.init_encoder_weights()
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                rows: Tensor | None = None, images: Tensor | None = None) -> ModelOutput:
+                rows: Tensor | None = None, images: Tensor | None = None, decode: bool = False) -> ModelOutput:
         """Logits for every position of `tokens` (B, T); with `targets` (B, T; -100 = ignore),
         the loss and its parts.
 
         With a `cache`, the tokens continue the sequences it holds (its slots `rows`, default all):
         they attend to the cached keys and values, theirs are added, and the lengths advance.
 
-        `images` (B, M, C, S, S), values in [0, 1], go with the <|image|> tokens of `tokens`, in
+        `images` (B, M, C, W, W), values in [0, 1], go with the <|image|> tokens of `tokens`, in
         order (a row with fewer tokens than M pads the rest). With a cache their visual tokens
         are computed once, kept in the cache, and seen by every later token of the row.
+
+        `decode=True` says this is a generation step, run without gradients: MoE layers then take
+        the dispatcher that runs a few tokens' experts directly (`dispatch.DecodeDispatcher`).
         """
         B, T = tokens.shape
         kv = None
@@ -141,7 +149,7 @@ class MoETransformer(nn.Module):
             xattn = self.vision.xattn_before(i) if media is not None else None
             if xattn is not None:
                 x_BTD = xattn(x_BTD, *media)
-            x_BTD, moe = block(x_BTD, cos, sin, kv, with_losses=targets is not None)
+            x_BTD, moe = block(x_BTD, cos, sin, kv, with_losses=targets is not None, decode=decode)
             if moe is not None:
                 moe_outputs.append(moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
@@ -178,39 +186,40 @@ class MoETransformer(nn.Module):
     # ---- accounting -------------------------------------------------------------------------
 
     def param_counts(self) -> ParamCounts:
-        """Parameters by kind (works on the `meta` device: only shapes are read)."""
+        """Parameters by kind, counted from the tensors themselves (works on the `meta` device: only
+        shapes are read); `costmodel.param_counts` computes the same from the config alone."""
         counts = dict.fromkeys(("embedding", "attention", "experts", "dense_ffn", "router", "norm", "vision"), 0)
         for name, p in self.named_parameters():  # tied weights are listed once
-            if name.startswith("vision."):
-                kind = "vision"
-            elif name.startswith(("tok_emb", "lm_head")):
-                kind = "embedding"
-            elif ".attn." in name:
-                kind = "attention"
-            elif ".experts." in name:
-                kind = "experts"
-            elif ".router." in name:
-                kind = "router"
-            elif "norm" in name:
-                kind = "norm"
-            else:
-                kind = "dense_ffn"
-            counts[kind] += p.numel()
+            kind = param_kind(name)
+            counts["vision" if kind in VISION else kind.value] += p.numel()
         total = sum(counts.values())
-        active = total - counts["experts"] * (self.cfg.n_experts - self.cfg.top_k) // self.cfg.n_experts
-        return ParamCounts(**counts, total=total, active=active)
+        return ParamCounts(**counts, total=total, active=costmodel.active_params(self.cfg, total, counts[Kind.EXPERTS]))
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = False, vision: bool = False) -> int:
-        """Matmul FLOPs per token (PaLM appendix B, as nanoGPT and torchtitan count them; the
-        arithmetic is `costmodel.flops_per_token`'s): 2 per active matmul weight plus attention,
-        x3 for training. The vision branch's share, for a token that sees an image, is added when
-        `vision=True`."""
-        forward = costmodel.flops_per_token(self.cfg, seq_len or self.cfg.max_seq_len)
-        if vision and self.vision is not None:
-            forward += self.vision.flops_per_token()
-        return 3 * forward if training else forward
+        """Matmul FLOPs per token (`costmodel.flops_per_token`); with `vision=True` the gated
+        cross-attention's share for a token that sees an image."""
+        return costmodel.flops_per_token(self.cfg, seq_len or self.cfg.max_seq_len, training, vision)
 
     def flops_per_image(self, training: bool = False) -> int:
         """Matmul FLOPs to encode one image into the keys and values the text attends to."""
-        forward = self.vision.flops_per_image() if self.vision is not None else 0
-        return 3 * forward if training else forward
+        return costmodel.flops_per_image(self.cfg, training)
+
+
+def describe(cfg: ModelConfig) -> str:
+    """One line: size, active size and FLOPs per token, from shapes only (built on `meta`)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    counts = model.param_counts()
+    line = (f"model: {_count(counts.total)} parameters, {_count(counts.active)} active per token "
+            f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, "
+            f"top-{cfg.top_k} of {cfg.n_experts} experts), "
+            f"{_count(model.flops_per_token(), 'G', 'M')}FLOP per token forward at context {cfg.max_seq_len}")
+    if cfg.vision is not None:
+        line += (f"; vision branch {_count(counts.vision)} parameters ({len(model.vision.xattn)} gated "
+                 f"cross-attention blocks, {cfg.vision.n_latents} visual tokens per image), "
+                 f"{_count(model.flops_per_image(), 'G', 'M')}FLOP per image")
+    return line
+
+
+def _count(n: int, billion: str = "B", million: str = "M") -> str:
+    return f"{n / 1e9:,.1f} {billion}" if n >= 1e9 else f"{n / 1e6:,.2f} {million}"

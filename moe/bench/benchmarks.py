@@ -1,8 +1,9 @@
-"""Micro-benchmarks behind `bench.py`: each returns a dict of plain numbers (JSON-ready).
+"""The measurements behind `bench.py`: each returns a dict of plain numbers (JSON-ready).
 
-Timings are medians over many iterations, and the things compared take turns call by call,
-so that a slow patch of the machine (frequency, a neighbour) hits all of them alike instead
-of skewing one.
+Timings use `hardware.median_times` (contenders take turns call by call); FLOPs and bytes come
+from the cost model, so a measurement is read against the same arithmetic that prices `gpt4`.
+
+Shape letters (moe/shapes.py): B batch, T time.
 """
 
 from __future__ import annotations
@@ -15,35 +16,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .experts import MoE, SwiGLU
-from .model import MoETransformer
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_times(fns: dict[str, Callable[[], object]], device: torch.device, iters: int,
-                 warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns call by call.
-
-    Round-robin rather than one block per function: a slow patch of a shared machine then
-    lands on every contender alike, which keeps ratios stable where absolute times are not.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+from .. import costmodel
+from ..config import ModelConfig
+from ..hardware import median_times, sync
+from ..infer.engine import Engine, Request
+from ..infer.sampling import SamplingParams, generate, generate_uncached
+from ..infer.speculative import LockstepStats, speculative_greedy_batch
+from ..model import MoE, MoETransformer, SwiGLU
+from ..model.kv_cache import KVCache
 
 
 def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: torch.device | str = "cpu",
@@ -86,7 +66,7 @@ def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: t
     times = median_times(fns, dev, iters)
     layer.experts.impl = impls[0]
     resolved = layer.experts.resolved_impl(x)
-    expert_flops = 3 * 2 * cfg.top_k * n_tokens * 3 * cfg.d_model * cfg.d_ff  # (fwd + 2 bwd) x 3 matmuls
+    expert_flops = costmodel.expert_flops(cfg, n_tokens, training=True)
     rows = [
         {"name": name, "ms": t * 1e3, "gflops": expert_flops / t / 1e9, "ratio_to_floor": t / times["floor"]}
         for name, t in times.items()
@@ -138,36 +118,6 @@ def train_step(cfg: ModelConfig, batch_size: int = 8, seq_len: int | None = None
     }
 
 
-def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters: int = 5) -> float:
-    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against."""
-    dev = torch.device(device)
-    n = n or (8192 if dev.type == "cuda" else 2048)  # large enough to reach the peak on each
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
-    a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
-    b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
-    seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
-    return 2 * n**3 / seconds
-
-
-def memory_bandwidth(device: torch.device | str = "cpu", mib: int = 256, iters: int = 5) -> float:
-    """Measured memory bytes/s: a copy of `mib` MiB, far larger than any cache, reads and writes each byte."""
-    dev = torch.device(device)
-    src = torch.ones(mib * 2**20 // 4, device=dev)
-    dst = torch.empty_like(src)
-    seconds = median_times({"copy": lambda: dst.copy_(src)}, dev, iters)["copy"]
-    return 2 * src.nbytes / seconds
-
-
-def machine(device: torch.device | str = "cpu") -> dict:
-    """The roofline of this machine: peak matmul FLOP/s and memory bandwidth, and their ratio."""
-    dev = torch.device(device)
-    flops, bandwidth = matmul_peak(dev), memory_bandwidth(dev)
-    return {"benchmark": "machine", "device": str(dev), "threads": torch.get_num_threads(),
-            "dtype": "bfloat16" if dev.type == "cuda" else "float32",
-            "matmul_flops": flops, "bandwidth": bandwidth, "ridge_flops_per_byte": flops / bandwidth}
-
-
 # ---- inference ------------------------------------------------------------------------------
 
 def _percentiles(values: list[float]) -> dict:
@@ -184,8 +134,6 @@ def batch1_decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_t
 
     `decode_step`: a compiled step (`sampling.compile_decode_step`) for the cached run.
     """
-    from .sampling import SamplingParams, generate, generate_uncached
-
     cfg = model.cfg
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
@@ -212,9 +160,6 @@ def batch1_decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_t
 def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int = 16,
                          min_new: int = 4, max_new: int = 160) -> list:
     """n greedy requests whose output lengths follow a Pareto tail: most short, a few long."""
-    from .engine import Request
-    from .sampling import SamplingParams
-
     rng = np.random.default_rng(seed)
     lengths = np.clip((min_new * (1 + rng.pareto(1.2, n))).astype(int), min_new, max_new)
     return [Request(rng.integers(0, vocab_size, prompt_len).tolist(),
@@ -225,8 +170,6 @@ def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int
 @torch.no_grad()
 def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict:
     """Static vs continuous batching on the same long-tailed workload."""
-    from .engine import Engine
-
     rows = []
     for static in (True, False):
         requests = long_tailed_requests(n_requests, model.cfg.vocab_size, seed)
@@ -251,24 +194,22 @@ def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict
 # ---- decode across batch sizes, and the experts each step touches ----------------------------
 
 @torch.no_grad()
-def greedy_decode(model, prompts_BP: torch.Tensor, new_tokens: int, capacity: int | None = None) -> dict:
+def greedy_decode(model, prompts_BT: torch.Tensor, new_tokens: int, capacity: int | None = None) -> dict:
     """Prefill a batch of prompts, then greedy-decode `new_tokens` steps, timing each: the prefill
     and step seconds, the tokens per expert per MoE layer at every step, and the tokens."""
-    from .kv_cache import KVCache
-
     device = next(model.parameters()).device
-    B, P = prompts_BP.shape
-    cache = KVCache(model.cfg, B, capacity=capacity or P + new_tokens, device=device,
+    B, T = prompts_BT.shape
+    cache = KVCache(model.cfg, B, capacity=capacity or T + new_tokens, device=device,
                     dtype=next(model.parameters()).dtype)
     sync(device)
     start = time.perf_counter()
-    logits = model(prompts_BP.to(device), cache=cache).logits[:, -1]
+    logits = model(prompts_BT.to(device), cache=cache, decode=True).logits[:, -1]
     sync(device)
     prefill_s, step_s, counts, tokens = time.perf_counter() - start, [], [], []
     for _ in range(new_tokens):
         start = time.perf_counter()
         tokens.append(logits.argmax(-1, keepdim=True))
-        out = model(tokens[-1], cache=cache)
+        out = model(tokens[-1], cache=cache, decode=True)
         logits = out.logits[:, -1]
         sync(device)
         step_s.append(time.perf_counter() - start)
@@ -287,8 +228,6 @@ def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64)
     Returns the figures and, per batch size at the first prompt length, the tokens each expert
     got at each step, (steps, MoE layers, E), for `expert_load`.
     """
-    from . import costmodel
-
     cfg = model.cfg
     longest = max(prompt_lens) + new_tokens
     if longest > cfg.max_seq_len:  # before measuring anything
@@ -332,8 +271,6 @@ def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64)
 def expert_load(cfg, routing: dict) -> dict:
     """Per decode step and MoE layer, tokens per expert at each batch size: min / mean / max, the
     share of experts idle, distinct experts touched against E * (1 - (1 - k/E)^B)."""
-    from . import costmodel
-
     rows = []
     for batch, counts in routing.items():  # counts (steps, layers, E)
         touched = (counts > 0).sum(-1).double()
@@ -349,95 +286,41 @@ def expert_load(cfg, routing: dict) -> dict:
 # ---- speculative decoding at batch 1..8 -------------------------------------------------------
 
 @torch.no_grad()
-def speculative_batch(target, draft, prompts_BP: torch.Tensor, new_tokens: int, k: int) -> dict:
-    """Greedy speculative decoding of a batch in lock step, against plain greedy decoding of it.
-
-    Every round, the draft proposes k tokens for each row (k forwards of (B, 1), plus one that
-    only feeds x_k, so every row's draft cache ends where its target cache does and the next
-    round starts from one pending token per row), the target checks all of them in one (B, k + 1)
-    forward, and each row keeps its agreeing prefix plus the target's own next token, its caches
-    cut back to that by its own length. A row that has its `new_tokens` stops growing but, in
-    lock step, still rides along. The tokens equal plain greedy decoding's, row by row.
+def speculative_batch(target, draft, prompts_BT: torch.Tensor, new_tokens: int, k: int) -> dict:
+    """Greedy speculative decoding of a batch in lock step (`speculative_greedy_batch`) against plain
+    greedy decoding of it: the time of each, and the acceptance and costs the closed forms use.
 
     `acceptance` is the per-token rate a of the closed forms: of the drafted tokens the target
     examined (up to and including a row's first rejection), the share it accepted.
     """
-    from .kv_cache import KVCache
-
     device = next(target.parameters()).device
-    B, P = prompts_BP.shape
-    capacity = P + new_tokens + 2 * (k + 1)
-    for model in (target, draft):
-        if capacity > model.cfg.max_seq_len:
-            raise ValueError(f"prompt {P} + {new_tokens} new tokens + 2(k + 1) exceed model.max_seq_len="
-                             f"{model.cfg.max_seq_len}")
-    prompts_BP = prompts_BP.to(device)
-    plain = greedy_decode(target, prompts_BP, new_tokens, capacity)  # the baseline
-    plain_s = sum(plain["step_s"])
-
-    t_cache, d_cache = (KVCache(m.cfg, B, capacity=capacity, device=device) for m in (target, draft))
-    target(prompts_BP[:, :-1], cache=t_cache)
-    draft(prompts_BP[:, :-1], cache=d_cache)
-    last_B1 = prompts_BP[:, -1:]
-    out = [[] for _ in range(B)]
-    rounds = row_rounds = examined = accepted = emitted = 0
-    draft_s = verify_s = 0.0
-    while min(map(len, out)) < new_tokens:
-        done_B = torch.tensor([len(o) >= new_tokens for o in out], device=device)
-        start = time.perf_counter()
-        x_B1, drafted = last_B1, []
-        for i in range(k + 1):
-            logits = draft(x_B1, cache=d_cache).logits[:, -1]
-            if i < k:
-                x_B1 = logits.argmax(-1, keepdim=True)
-                drafted.append(x_B1)
-        drafted_BK = torch.cat(drafted, dim=1)
-        sync(device)
-        middle = time.perf_counter()
-        choice_BK1 = target(torch.cat((last_B1, drafted_BK), dim=1), cache=t_cache).logits.argmax(-1)
-        sync(device)
-        draft_s, verify_s = draft_s + middle - start, verify_s + time.perf_counter() - middle
-        agree_BK = (choice_BK1[:, :k] == drafted_BK).long().cumprod(dim=1)
-        n_B = agree_BK.sum(dim=1)
-        extra_B1 = choice_BK1.gather(1, n_B[:, None])  # the target's token at the first disagreement, or a bonus
-        drop_B = torch.where(done_B, k + 1, k - n_B)  # a finished row keeps nothing of this round
-        t_cache.lengths -= drop_B
-        d_cache.lengths -= drop_B
-        last_B1 = torch.where(done_B[:, None], last_B1, extra_B1)
-        for b in range(B):
-            if not done_B[b]:
-                out[b] += [*drafted_BK[b, :n_B[b]].tolist(), int(extra_B1[b])]
-        live_n = n_B[~done_B]
-        rounds += 1
-        row_rounds += len(live_n)
-        accepted += int(live_n.sum())
-        examined += int(live_n.sum() + (live_n < k).sum())  # each accepted token, and the one rejected
-        emitted += int(live_n.sum()) + len(live_n)
-    spec_s = draft_s + verify_s
+    capacity = prompts_BT.shape[1] + new_tokens + 2 * (k + 1)
+    stats = LockstepStats()
+    tokens = speculative_greedy_batch(target, draft, prompts_BT, new_tokens, k, stats)  # checks the context
+    plain = greedy_decode(target, prompts_BT.to(device), new_tokens, capacity)  # the baseline
+    plain_s, spec_s, step_s = sum(plain["step_s"]), stats.draft_s + stats.verify_s, sum(plain["step_s"]) / new_tokens
     return {
-        "batch": B, "k": k, "plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
-        "acceptance": accepted / examined, "rounds": rounds,
-        "tokens_per_target_forward": emitted / row_rounds,  # per row, while it runs
-        "draft_cost_ratio": draft_s / (k + 1) / rounds / (plain_s / new_tokens),  # c: one draft step / one target step
-        "verify_cost_ratio": verify_s / rounds / (plain_s / new_tokens),  # checking k + 1 tokens / one step
-        "matches_greedy": all(o[:new_tokens] == p for o, p in zip(out, plain["tokens"])),
+        "batch": prompts_BT.shape[0], "k": k, "plain_s": plain_s, "speculative_s": spec_s, "speedup": plain_s / spec_s,
+        "acceptance": stats.acceptance, "rounds": stats.rounds,
+        "tokens_per_target_forward": stats.emitted / stats.row_rounds,  # per row, while it runs
+        "draft_cost_ratio": stats.draft_s / (k + 1) / stats.rounds / step_s,  # c: one draft step / one target step
+        "verify_cost_ratio": stats.verify_s / stats.rounds / step_s,  # checking k + 1 tokens / one step
+        "matches_greedy": tokens == plain["tokens"],
     }
 
 
 def speculative_sweep(target, draft, prompts: list[list[int]], batch_sizes=(1, 2, 4, 8), new_tokens: int = 64,
                       k: int = 4) -> dict:
     """`speculative_batch` at each batch size, beside the closed form (1 - a^(k+1)) / ((1 - a)(k c + 1))."""
-    from .costmodel import speculative_speedup, tokens_per_target_forward
-
     P = min(map(len, prompts))
     rows = []
     speculative_batch(target, draft, torch.tensor([prompts[0][:P]]), 8, k)  # warm up
     for batch in batch_sizes:
-        rows_BP = torch.tensor([prompts[i % len(prompts)][:P] for i in range(batch)])
-        r = speculative_batch(target, draft, rows_BP, new_tokens, k)
+        rows_BT = torch.tensor([prompts[i % len(prompts)][:P] for i in range(batch)])
+        r = speculative_batch(target, draft, rows_BT, new_tokens, k)
         a = min(r["acceptance"], 1 - 1e-9)
-        r["closed_form_tokens_per_forward"] = tokens_per_target_forward(a, k)
-        r["closed_form_speedup"] = speculative_speedup(a, k, r["draft_cost_ratio"])
+        r["closed_form_tokens_per_forward"] = costmodel.tokens_per_target_forward(a, k)
+        r["closed_form_speedup"] = costmodel.speculative_speedup(a, k, r["draft_cost_ratio"])
         # the same with the costs as they were: k + 1 draft forwards, and a verification of
         # k + 1 tokens that costs what it cost rather than one step
         r["costed_speedup"] = r["tokens_per_target_forward"] / ((k + 1) * r["draft_cost_ratio"] + r["verify_cost_ratio"])

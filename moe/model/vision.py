@@ -2,10 +2,9 @@
 patches into a fixed number of visual tokens, and gated cross-attention blocks before the text
 layers let the text attend to them.
 
-Shape legend:
-    B batch, T text time, M images per sequence, N images (any set of them), C channels,
-    S image side in pixels, P patches per image, L latents (visual tokens per image),
-    K keys, Dv vision width, D text model width, H heads, Dh head dim
+Shape letters (moe/shapes.py): B batch, T text time, M images per sequence, I images (any set
+of them), C channels, W image side in pixels, P patches per image, L latents (visual tokens per
+image), J keys a cross-attention reads, Dv vision width, D text model width, H heads.
 
 Interleaving: an <|image|> token marks where each image sits in the text. A text token sees the
 visual tokens of its row's most recent image at or before it (the <|image|> token sees its own
@@ -21,12 +20,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ModelConfig, VisionConfig
+from ..config import ModelConfig, VisionConfig
+from ..tokenizer import IMAGE, IMAGE_ID
 from .experts import SwiGLU
 from .norm import RMSNorm
-from .tokenizer import IMAGE, SPECIAL_TOKENS
 
-IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)  # special tokens have fixed ids in every vocabulary
 COSINE_SCALE = 10.0  # initial logit scale of cosine attention
 NO_VISION = "images given, but this model has no vision branch (no [model.vision] in its config)"
 
@@ -41,7 +39,7 @@ def media_index(tokens_BT: Tensor, images_before_B: Tensor | None = None) -> Ten
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries x (B, T, D) to a context (B, K, Dc); `mask` (B, 1, T, K): True = may attend.
+    """Multi-head attention of queries x (B, T, D) to a context (B, J, Dc); `mask` (B, 1, T, J): True = may attend.
 
     `cosine=True` scores by the cosine of query and key times a learned per-head scale (Swin V2's
     cosine attention) instead of their dot product / sqrt(Dh). The scale starts at 10, so attention
@@ -58,10 +56,10 @@ class CrossAttention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.logit_scale_H = nn.Parameter(torch.full((n_heads,), COSINE_SCALE)) if cosine else None
 
-    def forward(self, x_BTD: Tensor, context_BKD: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, context_BJD: Tensor, mask: Tensor | None = None) -> Tensor:
         q = rearrange(self.wq(x_BTD), "b t (h d) -> b h t d", h=self.n_heads)
-        k = rearrange(self.wk(context_BKD), "b k (h d) -> b h k d", h=self.n_heads)
-        v = rearrange(self.wv(context_BKD), "b k (h d) -> b h k d", h=self.n_heads)
+        k = rearrange(self.wk(context_BJD), "b j (h d) -> b h j d", h=self.n_heads)
+        v = rearrange(self.wv(context_BJD), "b j (h d) -> b h j d", h=self.n_heads)
         if self.logit_scale_H is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -80,14 +78,14 @@ class ViTBlock(nn.Module):
         self.attn_norm, self.attn = nn.LayerNorm(dim), CrossAttention(dim, dim, n_heads)
         self.mlp_norm, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def forward(self, x_NPD: Tensor) -> Tensor:
-        h_NPD = self.attn_norm(x_NPD)
-        x_NPD = x_NPD + self.attn(h_NPD, h_NPD)
-        return x_NPD + self.mlp(self.mlp_norm(x_NPD))
+    def forward(self, x_IPDv: Tensor) -> Tensor:
+        h_IPDv = self.attn_norm(x_IPDv)
+        x_IPDv = x_IPDv + self.attn(h_IPDv, h_IPDv)
+        return x_IPDv + self.mlp(self.mlp_norm(x_IPDv))
 
 
 class VisionEncoder(nn.Module):
-    """A small ViT, trained from scratch: images (N, C, S, S) in [0, 1] -> patch features (N, P, Dv)."""
+    """A small ViT, trained from scratch: images (I, C, W, W) in [0, 1] -> patch features (I, P, Dv)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -97,13 +95,13 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg.d_vision, cfg.vit_heads) for _ in range(cfg.vit_layers))
         self.norm = nn.LayerNorm(cfg.d_vision)
 
-    def forward(self, images_NCSS: Tensor) -> Tensor:
-        pixels = images_NCSS * 2 - 1  # centred: content, not brightness, should drive the features
-        patches = rearrange(pixels, "n c (h p1) (w p2) -> n (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
-        x_NPD = self.patch(patches) + self.pos_PDv
+    def forward(self, images_ICWW: Tensor) -> Tensor:
+        pixels = images_ICWW * 2 - 1  # centred: content, not brightness, should drive the features
+        patches = rearrange(pixels, "i c (h p1) (w p2) -> i (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
+        x_IPDv = self.patch(patches) + self.pos_PDv
         for block in self.blocks:
-            x_NPD = block(x_NPD)
-        return self.norm(x_NPD)
+            x_IPDv = block(x_IPDv)
+        return self.norm(x_IPDv)
 
 
 class ResamplerLayer(nn.Module):
@@ -113,16 +111,16 @@ class ResamplerLayer(nn.Module):
         self.attn = CrossAttention(dim, dim, n_heads, cosine=True)
         self.mlp_norm, self.mlp = nn.LayerNorm(dim), mlp(dim)
 
-    def forward(self, latents_NLD: Tensor, x_NPD: Tensor) -> Tensor:
+    def forward(self, latents_ILDv: Tensor, x_IPDv: Tensor) -> Tensor:
         """The latents attend to the patches and to themselves (Flamingo's keys: [patches; latents])."""
-        h_NLD = self.latent_norm(latents_NLD)
-        context = torch.cat((self.media_norm(x_NPD), h_NLD), dim=1)  # (N, P + L, Dv)
-        latents_NLD = latents_NLD + self.attn(h_NLD, context)
-        return latents_NLD + self.mlp(self.mlp_norm(latents_NLD))
+        h_ILDv = self.latent_norm(latents_ILDv)
+        context_IJDv = torch.cat((self.media_norm(x_IPDv), h_ILDv), dim=1)  # J = P + L
+        latents_ILDv = latents_ILDv + self.attn(h_ILDv, context_IJDv)
+        return latents_ILDv + self.mlp(self.mlp_norm(latents_ILDv))
 
 
 class PerceiverResampler(nn.Module):
-    """Patch features (N, P, Dv) -> a fixed number of visual tokens (N, L, D), in the text model's width."""
+    """Patch features (I, P, Dv) -> a fixed number of visual tokens (I, L, D), in the text model's width."""
 
     def __init__(self, cfg: VisionConfig, d_model: int):
         super().__init__()
@@ -131,11 +129,11 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_vision)
         self.proj = nn.Linear(cfg.d_vision, d_model)
 
-    def forward(self, x_NPD: Tensor) -> Tensor:
-        latents_NLD = self.latents_LDv.expand(x_NPD.shape[0], -1, -1)
+    def forward(self, x_IPDv: Tensor) -> Tensor:
+        latents_ILDv = self.latents_LDv.expand(x_IPDv.shape[0], -1, -1)
         for layer in self.layers:
-            latents_NLD = layer(latents_NLD, x_NPD)
-        return self.proj(self.norm(latents_NLD))
+            latents_ILDv = layer(latents_ILDv, x_IPDv)
+        return self.proj(self.norm(latents_ILDv))
 
 
 class GatedCrossAttention(nn.Module):
@@ -153,13 +151,13 @@ class GatedCrossAttention(nn.Module):
     def forward(self, x_BTD: Tensor, media_BMLD: Tensor, index_BT: Tensor) -> Tensor:
         """index_BT: the image each token sees (`media_index`), -1 for none."""
         B, M, L, _ = media_BMLD.shape
-        image_K = torch.arange(M * L, device=x_BTD.device) // L  # the image each visual token belongs to
+        image_J = torch.arange(M * L, device=x_BTD.device) // L  # the image each visual token belongs to
         # Tokens before any image are given image 0 to attend to (no row may be fully masked, or
         # attention returns NaN) and their result is multiplied by 0 below.
-        mask_B1TK = (image_K == index_BT.clamp(0, M - 1)[..., None])[:, None]
+        mask_B1TJ = (image_J == index_BT.clamp(0, M - 1)[..., None])[:, None]
         sees_BT1 = (index_BT >= 0)[..., None].to(x_BTD.dtype)
-        media_BKD = rearrange(media_BMLD, "b m l d -> b (m l) d").to(x_BTD.dtype)
-        y_BTD = self.attn(self.attn_norm(x_BTD), media_BKD, mask_B1TK)
+        media_BJD = rearrange(media_BMLD, "b m l d -> b (m l) d").to(x_BTD.dtype)
+        y_BTD = self.attn(self.attn_norm(x_BTD), media_BJD, mask_B1TJ)
         x_BTD = x_BTD + torch.tanh(self.attn_gate) * sees_BT1 * y_BTD
         return x_BTD + torch.tanh(self.ffn_gate) * sees_BT1 * self.ffn(self.ffn_norm(x_BTD))
 
@@ -193,41 +191,23 @@ class VisionBranch(nn.Module):
         key = str(layer)
         return self.xattn[key] if key in self.xattn else None
 
-    def encode(self, images_NCSS: Tensor) -> Tensor:
-        """Images (N, C, S, S) in [0, 1] -> visual tokens (N, L, D)."""
+    def encode(self, images_ICWW: Tensor) -> Tensor:
+        """Images (I, C, W, W) in [0, 1] -> visual tokens (I, L, D)."""
         expected = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        if tuple(images_NCSS.shape[1:]) != expected:
-            raise ValueError(f"images of shape {tuple(images_NCSS.shape[1:])}, expected (channels, side, side) = {expected}")
-        return self.resampler(self.encoder(images_NCSS))
+        if tuple(images_ICWW.shape[1:]) != expected:
+            raise ValueError(f"images of shape {tuple(images_ICWW.shape[1:])}, expected (channels, side, side) = {expected}")
+        return self.resampler(self.encoder(images_ICWW))
 
-    def media_for(self, tokens_BT: Tensor, images_BMCSS: Tensor) -> Tensor:
+    def media_for(self, tokens_BT: Tensor, images_BMCWW: Tensor) -> Tensor:
         """Visual tokens (B, M, L, D) of each row's images; only as many per row as it has <|image|> tokens
         are encoded (the rest of the M slots, padding, stay zero and are never attended to)."""
-        B, M = images_BMCSS.shape[:2]
+        B, M = images_BMCWW.shape[:2]
         count_B = (tokens_BT == IMAGE_ID).sum(dim=1)
         if not torch.compiler.is_compiling() and bool((count_B > M).any()):
             row = int((count_B > M).nonzero()[0])
             raise ValueError(f"row {row} has {int(count_B[row])} {IMAGE} tokens but only {M} images were given")
         used_BM = torch.arange(M, device=tokens_BT.device) < count_B[:, None]
-        media_BMLD = images_BMCSS.new_zeros(B, M, self.cfg.n_latents, self.resampler.proj.out_features)
+        media_BMLD = images_BMCWW.new_zeros(B, M, self.cfg.n_latents, self.resampler.proj.out_features)
         if torch.compiler.is_compiling() or bool(used_BM.any()):
-            media_BMLD[used_BM] = self.encode(images_BMCSS[used_BM]).to(media_BMLD.dtype)
+            media_BMLD[used_BM] = self.encode(images_BMCWW[used_BM]).to(media_BMLD.dtype)
         return media_BMLD
-
-    def flops_per_image(self) -> int:
-        """Forward matmul FLOPs to turn one image into visual tokens and project them to keys and
-        values in every cross-attention block (2 per weight use, plus attention scores and values)."""
-        v, D = self.cfg, self.resampler.proj.out_features
-        P, L, Dv = v.n_patches, v.n_latents, v.d_vision
-        block = 2 * (4 * Dv * Dv + 8 * Dv * Dv)  # attention projections + 4x MLP, per position
-        encoder = P * (2 * v.channels * v.patch_size ** 2 * Dv + block * v.vit_layers) + 4 * P * P * Dv * v.vit_layers
-        # per resampler layer: keys and values for [patches; latents], everything else per latent
-        resampler = (2 * (P + L) * 2 * Dv * Dv + L * (block - 4 * Dv * Dv) + 4 * L * (P + L) * Dv) * v.resampler_layers
-        keys_values = len(self.xattn) * 2 * L * 2 * D * D
-        return encoder + resampler + 2 * L * Dv * D + keys_values
-
-    def flops_per_token(self) -> int:
-        """Forward FLOPs the cross-attention blocks add to a text token that sees an image."""
-        v, D = self.cfg, self.resampler.proj.out_features
-        ffn = sum(p.numel() for p in next(iter(self.xattn.values())).ffn.parameters())
-        return len(self.xattn) * (2 * (2 * D * D + ffn) + 4 * D * v.n_latents)

@@ -1,5 +1,8 @@
 """Speculative decoding: a small draft proposes k tokens, the target checks them in one forward.
 
+Two decoders: `speculative_generate`, one sequence, greedy or sampled, streamed; and
+`speculative_greedy_batch`, greedy for a batch in lock step (what `bench.py speculative` times).
+
 Exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023): drafted token x_i, drawn from
 the draft's q_i, is accepted with probability min(1, p_i(x_i) / q_i(x_i)) under the target's p_i;
 at the first rejection a token is drawn from norm(max(0, p_i - q_i)) and the round ends; if all k
@@ -15,12 +18,14 @@ back the same way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import KVCache
+from ..hardware import sync
+from ..model.kv_cache import KVCache
 from .sampling import SamplingParams, new_token_budget, probabilities, sample
 
 
@@ -58,7 +63,7 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     generator = params.generator(device)
 
     def feed(model, cache, tokens: list[int]) -> torch.Tensor:
-        return model(torch.tensor([tokens], device=device), cache=cache).logits[0]  # (T, V)
+        return model(torch.tensor([tokens], device=device), cache=cache, decode=True).logits[0]  # (T, V)
 
     if len(prompt) > 1:
         feed(target, t_cache, prompt[:-1])
@@ -107,3 +112,81 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
             stats.emitted += 1
             if token in params.stop_tokens or emitted >= budget:
                 return
+
+
+@dataclass
+class LockstepStats:
+    rounds: int = 0  # target forwards after the prefill
+    row_rounds: int = 0  # rounds summed over the rows still running in them
+    examined: int = 0  # drafted tokens the target examined: those accepted, and each row's first rejected
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0  # time in draft forwards
+    verify_s: float = 0.0  # time in target forwards
+
+    @property
+    def acceptance(self) -> float:
+        """The per-token rate a of the closed forms."""
+        return self.accepted / self.examined if self.examined else 0.0
+
+
+@torch.no_grad()
+def speculative_greedy_batch(target, draft, prompts_BT: torch.Tensor, new_tokens: int, k: int,
+                             stats: LockstepStats | None = None) -> list[list[int]]:
+    """Greedy speculative decoding of a batch in lock step: `new_tokens` for each row, identical to
+    plain greedy decoding's, row by row.
+
+    Every round, the draft proposes k tokens for each row (k forwards of (B, 1), plus one that
+    only feeds x_k, so every row's draft cache ends where its target cache does and the next
+    round starts from one pending token per row), the target checks all of them in one (B, k + 1)
+    forward, and each row keeps its agreeing prefix plus the target's own next token, its caches
+    cut back to that by its own length. A row that has its `new_tokens` stops growing but, in
+    lock step, still rides along.
+    """
+    stats = stats if stats is not None else LockstepStats()
+    device = next(target.parameters()).device
+    B, P = prompts_BT.shape
+    capacity = P + new_tokens + 2 * (k + 1)
+    for model in (target, draft):
+        if capacity > model.cfg.max_seq_len:
+            raise ValueError(f"prompt {P} + {new_tokens} new tokens + 2(k + 1) exceed model.max_seq_len="
+                             f"{model.cfg.max_seq_len}")
+    prompts_BT = prompts_BT.to(device)
+    t_cache, d_cache = (KVCache(m.cfg, B, capacity=capacity, device=device) for m in (target, draft))
+    target(prompts_BT[:, :-1], cache=t_cache, decode=True)
+    draft(prompts_BT[:, :-1], cache=d_cache, decode=True)
+    last_B1 = prompts_BT[:, -1:]
+    out = [[] for _ in range(B)]
+    while min(map(len, out)) < new_tokens:
+        done_B = torch.tensor([len(o) >= new_tokens for o in out], device=device)
+        start = time.perf_counter()
+        x_B1, drafted = last_B1, []
+        for i in range(k + 1):
+            logits = draft(x_B1, cache=d_cache, decode=True).logits[:, -1]
+            if i < k:
+                x_B1 = logits.argmax(-1, keepdim=True)
+                drafted.append(x_B1)
+        drafted_BT = torch.cat(drafted, dim=1)  # T = k drafted positions
+        sync(device)
+        middle = time.perf_counter()
+        choice_BT = target(torch.cat((last_B1, drafted_BT), dim=1), cache=t_cache, decode=True).logits.argmax(-1)
+        sync(device)
+        stats.draft_s += middle - start
+        stats.verify_s += time.perf_counter() - middle
+        agree_BT = (choice_BT[:, :k] == drafted_BT).long().cumprod(dim=1)
+        n_B = agree_BT.sum(dim=1)
+        extra_B1 = choice_BT.gather(1, n_B[:, None])  # the target's token at the first disagreement, or a bonus
+        drop_B = torch.where(done_B, k + 1, k - n_B)  # a finished row keeps nothing of this round
+        t_cache.lengths -= drop_B
+        d_cache.lengths -= drop_B
+        last_B1 = torch.where(done_B[:, None], last_B1, extra_B1)
+        for b in range(B):
+            if not done_B[b]:
+                out[b] += [*drafted_BT[b, :n_B[b]].tolist(), int(extra_B1[b])]
+        live_n = n_B[~done_B]
+        stats.rounds += 1
+        stats.row_rounds += len(live_n)
+        stats.accepted += int(live_n.sum())
+        stats.examined += int(live_n.sum() + (live_n < k).sum())  # each accepted token, and the one rejected
+        stats.emitted += int(live_n.sum()) + len(live_n)
+    return [o[:new_tokens] for o in out]

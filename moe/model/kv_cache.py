@@ -1,7 +1,8 @@
 """A preallocated key/value cache: prefill a prompt in one pass, then decode a token at a time.
 
-Shape legend: L layers, S slots (sequences the cache holds), G key/value heads, C capacity
-(positions per slot), Dh head dim, B rows of the current forward, T new tokens per row.
+Shape letters (moe/shapes.py): N layers, S slots (sequences the cache holds), G key/value heads,
+X capacity (positions per slot), Dh head dim, B rows of the current forward, T new tokens per row,
+M images per sequence, L visual tokens per image.
 
 Keys and values are kept with G = n_kv_heads heads only: under multi-query attention (G = 1)
 the cache is n_heads times smaller than multi-head attention's. Each slot has its own length,
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class KVCache:
@@ -30,8 +31,8 @@ class KVCache:
         if self.capacity > cfg.max_seq_len:
             raise ValueError(f"cache capacity {self.capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
         shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.capacity, cfg.head_dim)
-        self.k_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_LSGCD = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_NSGXDh = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_NSGXDh = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
         self.images_seen = torch.zeros(slots, dtype=torch.long, device=device)  # images held per slot
         self.media_SMLD = None
@@ -42,7 +43,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         media = 0 if self.media_SMLD is None else self.media_SMLD.nbytes
-        return self.k_LSGCD.nbytes + self.v_LSGCD.nbytes + media
+        return self.k_NSGXDh.nbytes + self.v_NSGXDh.nbytes + media
 
     def reset(self, slot: int) -> None:
         """Empty a slot for a new sequence."""
@@ -59,8 +60,8 @@ class KVCache:
             span = int(positions_BT.max()) + 1
             if span > self.capacity:
                 raise ValueError(f"sequence would reach {span} tokens, past the cache capacity {self.capacity}")
-        visible_BTC = torch.arange(span, device=lengths.device) <= positions_BT[..., None]  # causal, per row
-        return CacheStep(self, rows, positions_BT, visible_BTC[:, None], span)
+        visible_BTX = torch.arange(span, device=lengths.device) <= positions_BT[..., None]  # causal, per row
+        return CacheStep(self, rows, positions_BT, visible_BTX[:, None], span)
 
     def advance(self, n: int | Tensor, rows: Tensor | None = None, images: Tensor | None = None) -> None:
         """n more tokens (and `images` (B,) more images) held by each row's slot."""
@@ -94,16 +95,16 @@ class CacheStep(NamedTuple):
     cache: KVCache
     rows: Tensor | None  # (B,) slot of each row; None = every slot, in order
     positions_BT: Tensor
-    mask_B1TC: Tensor  # True where a query may attend to a cached key
+    mask_B1TX: Tensor  # True where a query may attend to a cached key
     span: int  # keys 0 .. span-1 are enough for every row
 
-    def write_and_read(self, layer: int, k_BGTD: Tensor, v_BGTD: Tensor) -> tuple[Tensor, Tensor]:
+    def write_and_read(self, layer: int, k_BGTDh: Tensor, v_BGTDh: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values at their positions; return each row's keys/values so far."""
-        k_cache, v_cache = self.cache.k_LSGCD[layer], self.cache.v_LSGCD[layer]  # (S, G, C, Dh)
+        k_cache, v_cache = self.cache.k_NSGXDh[layer], self.cache.v_NSGXDh[layer]  # (S, G, X, Dh)
         B, T = self.positions_BT.shape
-        rows_BT = (torch.arange(B, device=k_BGTD.device) if self.rows is None else self.rows)[:, None].expand(B, T)
-        k_cache[rows_BT, :, self.positions_BT] = k_BGTD.transpose(1, 2).to(k_cache.dtype)  # (B, T, G, Dh)
-        v_cache[rows_BT, :, self.positions_BT] = v_BGTD.transpose(1, 2).to(v_cache.dtype)
+        rows_BT = (torch.arange(B, device=k_BGTDh.device) if self.rows is None else self.rows)[:, None].expand(B, T)
+        k_cache[rows_BT, :, self.positions_BT] = k_BGTDh.transpose(1, 2).to(k_cache.dtype)  # (B, T, G, Dh)
+        v_cache[rows_BT, :, self.positions_BT] = v_BGTDh.transpose(1, 2).to(v_cache.dtype)
         if self.rows is None:
             return k_cache[:, :, : self.span], v_cache[:, :, : self.span]
         return k_cache[self.rows, :, : self.span], v_cache[self.rows, :, : self.span]

@@ -13,7 +13,7 @@ optimizer are laid out over the ranks:
 
 `train.expert_parallel = N` (with ddp-style data parallelism) splits each MoE layer's experts
 over groups of N consecutive ranks: rank j of a group holds experts j*E/N .. (j+1)*E/N - 1, and
-tokens travel to their experts and back by all_to_all (`experts.MoE`). Every other parameter is
+tokens travel to their experts and back by all_to_all (`dispatch.AllToAllDispatcher`). Every other parameter is
 replicated; gradients are summed by hand (experts over the ranks that hold the same experts).
 
 Checkpoints are always whole: the full model and the full optimizer state keyed by parameter
@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from ..config import ConfigError
+from ..model import MoE
+from ..model.dispatch import AllToAllDispatcher
+from ..model.params import Kind, param_kind
 
 
 @dataclass
@@ -93,7 +96,7 @@ def close() -> None:
 
 
 def is_expert(name: str) -> bool:
-    return ".experts.w" in name
+    return param_kind(name) == Kind.EXPERTS
 
 
 def expert_slice(world: World, n_experts: int) -> slice:
@@ -104,8 +107,6 @@ def expert_slice(world: World, n_experts: int) -> slice:
 
 def shard_experts(model: nn.Module, world: World) -> None:
     """Keep only this rank's experts in every MoE layer and route through all_to_all."""
-    from .experts import MoE
-
     for module in model.modules():
         if isinstance(module, MoE):
             if module.n_experts % world.expert_parallel:
@@ -115,7 +116,7 @@ def shard_experts(model: nn.Module, world: World) -> None:
             for name in ("w1", "w3", "w2"):
                 full = getattr(module.experts, name)
                 setattr(module.experts, name, nn.Parameter(full.detach()[mine].clone(), full.requires_grad))
-            module.ep_group = world.ep_group
+            module.dispatcher = AllToAllDispatcher(world.ep_group, module.capacity_factor)
 
 
 def wrap(model: nn.Module, world: World, parallel: str, device: torch.device) -> nn.Module:

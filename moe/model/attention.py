@@ -1,7 +1,7 @@
 """Rotary position embeddings and multi-query / grouped-query / multi-head attention.
 
-Shape legend:
-    B batch, T time, D model dim, H query heads, G key/value heads (n_kv_heads), Dh head dim
+Shape letters (moe/shapes.py): B batch, T time, D model width, H query heads, G key/value
+heads (n_kv_heads), Dh head dim, X cache capacity.
 
 With G = 1 (multi-query, the default) keys and values are computed for one head only; a KV
 cache keeps only those, H times smaller than multi-head attention's. They are shared by all
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .kv_cache import CacheStep
 
 
@@ -57,6 +57,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv.write_and_read(self.layer, k, v)  # (B, G, span, Dh): the prefix so far
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.mask_B1TC,
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.mask_B1TX,
                                                enable_gqa=gqa)
         return self.wo(rearrange(y, "b h t d -> b t (h d)"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 
 
 @dataclass
@@ -97,7 +97,7 @@ def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
 
     `decode_step` runs the one-token steps (default: the model itself; `compile_decode_step(model)`
     for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
-    `images` (M, C, S, S) go with the prompt's <|image|> tokens: they are encoded once, at the
+    `images` (M, C, W, W) go with the prompt's <|image|> tokens: they are encoded once, at the
     prefill, and the cache keeps their visual tokens for every decode step.
     """
     decode_step = model if decode_step is None else decode_step
@@ -108,13 +108,13 @@ def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
     cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
     generator = params.generator(device)
     images = None if images is None else images[None].to(device)
-    logits_V = model(torch.tensor([prompt], device=device), cache=cache, images=images).logits[0, -1]
+    logits_V = model(torch.tensor([prompt], device=device), cache=cache, images=images, decode=True).logits[0, -1]
     for i in range(budget):
         token = int(sample_next(logits_V[None], params, generator))
         yield token
         if token in params.stop_tokens or i + 1 == budget:
             return
-        logits_V = decode_step(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+        logits_V = decode_step(torch.tensor([[token]], device=device), cache=cache, decode=True).logits[0, -1]
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def generate_uncached(model, prompt: list[int], params: SamplingParams, images: 
     tokens = list(prompt)
     images = None if images is None else images[None].to(device)
     for _ in range(new_token_budget(prompt, params, model.cfg.max_seq_len)):
-        logits_V = model(torch.tensor([tokens], device=device), images=images).logits[0, -1]
+        logits_V = model(torch.tensor([tokens], device=device), images=images, decode=True).logits[0, -1]
         tokens.append(int(sample_next(logits_V[None], params, generator)))
         if tokens[-1] in params.stop_tokens:
             break

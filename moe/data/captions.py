@@ -18,7 +18,6 @@ and the loss is taken on the captions and their closing <|endoftext|> only.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer
 
-from .config import DataConfig, VisionConfig
-from .data import Batch
-from .tokenizer import EOT, IMAGE, PAD
-from .vision import NO_VISION
+from ..config import DataConfig, VisionConfig
+from ..files import read_jsonl
+from ..tokenizer import EOT, IMAGE, PAD
+from .batches import Batch
 
 SYNTHETIC_TASKS = ("digits", "shapes", "scenes", "mixed")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -89,7 +88,7 @@ def synthetic_example(task: str, rng: np.random.Generator, side: int) -> tuple[I
 
 
 def to_tensor(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
-    """(C, S, S) in [0, 1]: the image in the config's channels and size."""
+    """(C, W, W) in [0, 1]: the image in the config's channels and size."""
     image = image.convert("RGB" if cfg.channels == 3 else "L")
     if image.size != (cfg.image_size, cfg.image_size):
         image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
@@ -107,29 +106,6 @@ def load_image(path: str | Path, cfg: VisionConfig) -> torch.Tensor:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
-def prompt_with_images(tokenizer: Tokenizer, text: str, image_paths: list[str | Path],
-                       cfg: VisionConfig | None) -> tuple[list[int], torch.Tensor | None]:
-    """(token ids, images (M, C, S, S) or None) for a prompt that starts a document.
-
-    Each image goes where the text has an <|image|> marker; with no markers, the images come
-    first, before the text.
-    """
-    ids = tokenizer.encode(text).ids
-    image_id, eot = tokenizer.token_to_id(IMAGE), tokenizer.token_to_id(EOT)
-    if not image_paths:
-        return [eot, *ids], None
-    if cfg is None:
-        raise ValueError(NO_VISION)
-    markers = ids.count(image_id)
-    if markers == 0:
-        ids = [image_id] * len(image_paths) + ids
-    elif markers != len(image_paths):
-        raise ValueError(f"the prompt has {markers} {IMAGE} markers but {len(image_paths)} images were given")
-    if len(image_paths) > cfg.max_images:
-        raise ValueError(f"{len(image_paths)} images in one prompt, more than model.vision.max_images={cfg.max_images}")
-    return [eot, *ids], torch.stack([load_image(path, cfg) for path in image_paths])
-
-
 # ---- a folder of real pairs -----------------------------------------------------------------
 
 def read_caption_folder(folder: str | Path) -> list[tuple[Path, str]]:
@@ -140,14 +116,8 @@ def read_caption_folder(folder: str | Path) -> list[tuple[Path, str]]:
         raise FileNotFoundError(f"data.images {folder}: no captions.jsonl there "
                                 f"(or use a synthetic set: {', '.join(SYNTHETIC_TASKS)})")
     pairs = []
-    for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            image, caption = folder / str(record["image"]), str(record["caption"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{index}:{number}: expected a JSON object with \"image\" and \"caption\"") from None
+    for number, record in read_jsonl(index, ("image", "caption")):
+        image, caption = folder / str(record["image"]), str(record["caption"])
         if not image.is_file():
             raise FileNotFoundError(f"{index}:{number}: image {image} does not exist")
         pairs.append((image, caption))
@@ -220,28 +190,3 @@ class CaptionData:
             targets.append(torch.where(torch.tensor(loss_on[1:] + [False] * pad), window[1:], -100))
             images.append(torch.stack(pictures + [torch.zeros_like(pictures[0])] * (M - len(pictures))))
         return Batch(torch.stack(rows), torch.stack(targets), torch.stack(images))
-
-
-@torch.no_grad()
-def caption_accuracy(model, examples: list[tuple[torch.Tensor, str]], data: CaptionData,
-                     blank: bool = False, batch_size: int = 64) -> float:
-    """Exact-match accuracy of greedy captioning: `<|endoftext|> <|image|>` in, caption + end out.
-
-    Greedy decoding writes the caption exactly if and only if, fed the true caption, the argmax
-    at every position is the next true token (by induction over the positions), so one batched
-    forward decides it. `blank=True` shows the model black images instead: chance level.
-    """
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        rows = [[data.eot, data.image_id, *data.caption_ids(caption)] for _, caption in chunk]
-        width = max(map(len, rows))
-        tokens = torch.tensor([r + [data.pad] * (width - len(r)) for r in rows], device=device)
-        images = torch.stack([image for image, _ in chunk])[:, None].to(device)  # (B, 1, C, S, S)
-        if blank:
-            images = torch.zeros_like(images)
-        predicted = model(tokens, images=images).logits.argmax(dim=-1)
-        for b, row in enumerate(rows):
-            correct += bool((predicted[b, 1:len(row) - 1] == tokens[b, 2:len(row)]).all())
-    return correct / len(examples)

@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
+from ..config import Config, ConfigError, TrainConfig
+from ..data.captions import CaptionData
+from ..data.corpus import prepare_data
+from ..hardware import matmul_peak
+from ..infer.sampling import SamplingParams, generate
+from ..model import MoETransformer
+from ..model.params import Kind, is_vision, param_kind
+from ..tokenizer import EOT, IMAGE_ID
 from . import distributed
-from .benchmarks import matmul_peak
-from .config import Config, ConfigError, TrainConfig
-from .data import prepare_data
-from .image_data import CaptionData, caption_accuracy
-from .model import MoETransformer
-from .sampling import SamplingParams, generate
-from .tokenizer import EOT
-from .vision import IMAGE_ID
+from .evaluate import caption_accuracy
 
 
 @dataclass
@@ -76,12 +77,12 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = MoETransformer(mcfg)
         if source:  # a text checkpoint may start a vision run: the new branch keeps its initial weights
-            ckpt.load_weights(source, self.model, may_lack="vision." if options.init_from else None)
+            ckpt.load_weights(source, self.model, may_lack=is_vision if options.init_from else None)
         if self.cfg.freeze_lm:
             if self.model.vision is None:
                 raise ConfigError("train.freeze_lm=true: the model has no vision branch to train (add [model.vision])")
             for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("vision."))
+                p.requires_grad_(is_vision(name))
         self.model.to(self.device)
         self.world = world = options.world
         for name in ("batch_size_start", "batch_size"):
@@ -92,7 +93,7 @@ class Trainer:
         self.forward = torch.compile(self.forward) if options.compile else self.forward
         self.optimizer = self._make_optimizer()
         self.encoder_params = [p for name, p in self.model.named_parameters()
-                               if name.startswith(("vision.encoder.", "vision.resampler.")) and p.requires_grad]
+                               if param_kind(name) == Kind.VISION_ENCODER and p.requires_grad]
         self.step = self.tokens_seen = self.sequences_drawn = 0
         self.skipped_steps = self.rollbacks = self.bad_in_a_row = 0  # non-finite steps (train_step)
         if options.resume_from:
@@ -117,9 +118,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        gates = [name for name in trainable if name.endswith("_gate")]
+        gates = [name for name in trainable if param_kind(name) == Kind.VISION_GATE]
         decay = [name for name, p in trainable.items() if p.dim() >= 2]  # matrices and expert stacks
-        no_decay = [name for name, p in trainable.items() if p.dim() < 2 and not name.endswith("_gate")]
+        no_decay = [name for name, p in trainable.items() if p.dim() < 2 and name not in gates]
         groups = [(decay, {"weight_decay": self.cfg.weight_decay}), (no_decay, {"weight_decay": 0.0})]
         if gates:
             # The vision gates start at 0, where the sign of every gradient behind them flips with

@@ -1,0 +1,325 @@
+"""Benchmarks and the cost model. Each command prints a table; `--json PATH` saves the figures and,
+with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the curve that matters.
+
+  machine      this machine's roofline: peak matmul FLOP/s and memory bandwidth
+  decode       prefill and decode tokens/s across batch sizes and prompt lengths, latency
+               percentiles, MFU and MBU against `machine`, KV-cache bytes for MQA / GQA / MHA
+  experts      tokens per expert per decode step at each batch size, against uniform routing
+  batching     static vs continuous batching on a long-tailed workload
+  speculative  speculative vs plain greedy decoding at batch 1..8, against the closed form
+  costmodel    the analytic cost model for a config on a GPU (or this CPU), and --claims:
+               the reference design's arithmetic checked from configs/gpt4.toml
+  moe-layer    one MoE layer, forward + backward, against its dense compute floor
+  train-step   forward + backward + AdamW of the whole model: tokens/s
+
+Examples:
+  python bench.py machine
+  python bench.py decode --checkpoint runs/small --plot decode.png
+  python bench.py experts --batch-sizes 1,8,64
+  python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
+  python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
+  python bench.py costmodel --claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import get_args, get_type_hints
+
+import torch
+
+from .. import costmodel, hardware
+from ..checkpoint import (
+    load_config_from,
+    load_draft_for_inference,
+    load_for_inference,
+    resolve_checkpoint,
+)
+from ..cli import (
+    add_config_args,
+    device_arg,
+    int_list,
+    parse_args,
+    positive_int,
+    print_table,
+    write_json,
+)
+from ..config import ModelConfig, load_config
+from ..data.corpus import prepare_data
+from ..infer.sampling import compile_decode_step
+from ..model import MoETransformer
+from . import benchmarks
+from .claims import claims
+from .plots import plot_decode, plot_experts, plot_speculative
+
+
+def impl_list(text: str) -> tuple[str, ...]:
+    impls = tuple(text.split(","))
+    known = get_args(get_type_hints(ModelConfig)["expert_impl"])
+    for impl in impls:
+        if impl not in known:
+            raise argparse.ArgumentTypeError(f"unknown implementation {impl!r} (expected {', '.join(known)})")
+    return impls
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = lambda name, text: sub.add_parser(name, help=text, description=text)  # noqa: E731
+
+    p = add("machine", "peak matmul FLOP/s (fp32 on CPU, bf16 on CUDA) and memory bandwidth (a large copy)")
+    commands = {"machine": p}
+
+    p = add("decode", "prefill and decode tokens/s, latency, MFU and MBU across batch sizes and prompt lengths")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64), help="default 1,2,4,...,64")
+    p.add_argument("--prompt-lens", type=int_list, default=(16, 128), help="default 16,128")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps per run (default 32)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time batch-1 decoding with the step compiled by torch.compile (~15 s here)")
+    commands["decode"] = p
+
+    p = add("experts", "tokens per expert per layer at every decode step, per batch size, against uniform routing")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64), help="default 1,2,4,...,64")
+    p.add_argument("--prompt-len", type=positive_int, default=16)
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps per batch size (default 32)")
+    commands["experts"] = p
+
+    p = add("batching", "static vs continuous batching of greedy requests with long-tailed output lengths")
+    p.add_argument("--requests", type=positive_int, default=64)
+    p.add_argument("--slots", type=positive_int, default=8)
+    commands["batching"] = p
+
+    p = add("speculative", "speculative vs plain greedy decoding with a draft model, at batch 1..8")
+    p.add_argument("--draft-checkpoint", required=True, help="a smaller model sharing the tokenizer")
+    p.add_argument("--batch-sizes", type=int_list, default=(1, 2, 4, 8), help="default 1,2,4,8")
+    p.add_argument("-k", type=positive_int, default=4, help="tokens drafted per round (default 4)")
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--prompts", type=positive_int, default=8, help="validation windows used as prompts (default 8)")
+    commands["speculative"] = p
+
+    p = add("costmodel", "the analytic cost model (no measurement): parameters, FLOPs, bytes, KV cache, "
+                         "roofline time, tokens/s, MFU, GPUs, dollars; --claims checks the reference design")
+    p.add_argument("--claims", action="store_true", help="the reference design's claims, from configs/gpt4.toml")
+    p.add_argument("--hardware", default="h100-sxm", choices=[*costmodel.HARDWARE, "cpu"],
+                   help="a GPU's datasheet figures, or cpu: this machine, measured (default h100-sxm)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--context", type=positive_int, default=None, help="tokens of context (default model.max_seq_len)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--bytes-per-param", type=float, default=None,
+                   help="2 for bf16, 1 for fp8/int8 (default 2 on GPUs, 4 on the CPU, which runs fp32)")
+    p.add_argument("--dollars-per-hour", type=float, default=None, help="per device (default: the table's)")
+    p.add_argument("--train-tokens", type=float, default=None, help="also price training on this many tokens")
+    p.add_argument("--devices", type=positive_int, default=None, help="devices for training (default tp x pp)")
+    p.add_argument("--mfu", type=float, default=0.35, help="training MFU assumed (default 0.35)")
+    commands["costmodel"] = p
+
+    p = add("moe-layer", "one MoE layer, forward+backward, against its dense compute floor")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens through the layer (default 2048)")
+    p.add_argument("--iters", type=positive_int, default=30, help="timed calls of each contender, taking turns")
+    p.add_argument("--impls", type=impl_list, default="auto,grouped_mm,loop",
+                   help="comma-separated expert implementations to time (auto, grouped_mm, split, loop); "
+                        "the first is the one reported as ratio_to_floor (default: auto,grouped_mm,loop)")
+    commands["moe-layer"] = p
+
+    p = add("train-step", "forward+backward+AdamW of the whole model: tokens/s")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=None, help="default: model.max_seq_len")
+    p.add_argument("--iters", type=positive_int, default=10)
+    commands["train-step"] = p
+
+    for name in ("decode", "experts", "batching"):
+        commands[name].add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights)")
+    commands["speculative"].add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
+    for name, p in commands.items():
+        add_config_args(p)
+        p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+        if name in ("decode", "experts", "speculative"):
+            p.add_argument("--plot", metavar="PNG", help="also draw the results (needs the plot extra)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(build_parser(), argv)
+    result = COMMANDS[args.command](args, config.model)
+    write_json(args.json, result)
+    return 0
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def machine(args, cfg: ModelConfig) -> dict:
+    result = hardware.machine(args.device)
+    print(f"{result['device']} ({result['threads']} threads, {result['dtype']}): matmul "
+          f"{result['matmul_flops'] / 1e9:,.0f} GFLOP/s, memory {result['bandwidth'] / 1e9:,.1f} GB/s, "
+          f"ridge {result['ridge_flops_per_byte']:.1f} FLOP/byte (below it a kernel is bandwidth-bound)")
+    return result
+
+
+def load_model(args, cfg: ModelConfig):
+    torch.manual_seed(0)
+    if getattr(args, "checkpoint", None):
+        return (*load_for_inference(args.checkpoint, args.device), args.checkpoint)
+    return MoETransformer(cfg).to(args.device).eval(), None, f"random weights of {args.config}"
+
+
+def decode(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    peaks = hardware.machine(args.device)
+    result, _ = benchmarks.decode_sweep(model, peaks, args.batch_sizes, args.prompt_lens, args.new_tokens)
+    print(f"greedy decoding, {where} ({model.param_counts().active / 1e6:.1f} M active parameters), "
+          f"{args.new_tokens} steps per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+          f"{peaks['bandwidth'] / 1e9:.1f} GB/s")
+    print_table(result["rows"], [("prompt_len", "prompt", "d"), ("batch", "batch", "d"),
+                                 ("prefill_tokens_per_s", "prefill tok/s", ",.0f"),
+                                 ("decode_tokens_per_s", "decode tok/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
+                                 ("p90_ms", "p90 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"), ("gflops", "GFLOP/s", ".1f"),
+                                 ("mfu", "MFU", ".1%"), ("gbytes_per_s", "GB/s", ".2f"), ("mbu", "MBU", ".1%")])
+    print("KV cache at the full context, per sequence: " + ", ".join(
+        f"{k.upper()} {v / 1024:,.0f} KiB" for k, v in result["kv_cache_bytes_full_context"].items()))
+    if args.compile:
+        step = compile_decode_step(model)
+        compiled = benchmarks.batch1_decode(model, new_tokens=args.new_tokens, decode_step=step)
+        eager = benchmarks.batch1_decode(model, new_tokens=args.new_tokens)
+        result["batch1_compiled"], result["batch1_eager"] = compiled, eager
+        print(f"batch 1, compiled decode step: {compiled['cached_tokens_per_s']:.0f} tokens/s "
+              f"(eager {eager['cached_tokens_per_s']:.0f}; without the KV cache {eager['uncached_tokens_per_s']:.0f})")
+    if args.plot:
+        plot_decode(args.plot, result)
+    return result
+
+
+def experts(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    if model.cfg.n_experts == 1:
+        raise ValueError(f"{where}: a dense model (model.n_experts=1) has no experts to count")
+    _, routing = benchmarks.decode_sweep(model, None, args.batch_sizes, (args.prompt_len,), args.new_tokens)
+    result = benchmarks.expert_load(model.cfg, routing)
+    E, k = model.cfg.n_experts, model.cfg.top_k
+    print(f"tokens per expert per MoE layer at each of {args.new_tokens} decode steps, {where}, top-{k} of {E}")
+    print_table(result["rows"], [("batch", "batch", "d"), ("min", "min", "d"), ("mean", "mean", ".2f"),
+                                 ("max", "max", "d"), ("idle_share", "idle", ".1%"),
+                                 ("distinct", "distinct experts", ".2f"),
+                                 ("distinct_uniform", "uniform E(1-(1-k/E)^B)", ".2f")])
+    if args.plot:
+        plot_experts(args.plot, result)
+    return result
+
+
+def batching(args, cfg: ModelConfig) -> dict:
+    model, _, where = load_model(args, cfg)
+    result = benchmarks.batching(model, args.requests, args.slots)
+    lengths = result["output_lengths"]
+    print(f"{result['requests']} greedy requests ({where}), output lengths {lengths['min']}-{lengths['max']} "
+          f"(median {lengths['median']}), {result['slots']} slots:")
+    print_table(result["rows"], [("mode", "batching", "s"), ("tokens_per_s", "tokens/s", ".0f"),
+                                 ("mean_latency_s", "mean latency s", ".2f"), ("p99_latency_s", "p99 s", ".2f"),
+                                 ("slot_utilisation", "slots busy", ".0%"), ("decode_steps", "steps", "d")])
+    print(f"continuous / static throughput: {result['speedup']:.2f}x")
+    return result
+
+
+def speculative(args, cfg: ModelConfig) -> dict:
+    target, tokenizer, where = load_model(args, cfg)
+    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
+    data = load_validation(args.checkpoint, tokenizer)
+    prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
+    result = benchmarks.speculative_sweep(target, draft, prompts, args.batch_sizes, args.new_tokens, args.k)
+    result.update(target_active=target.param_counts().active, draft_active=draft.param_counts().active)
+    print(f"greedy decoding, {args.new_tokens} tokens per row, k = {args.k}: target {where} "
+          f"({result['target_active'] / 1e6:.1f} M active), draft {args.draft_checkpoint} "
+          f"({result['draft_active'] / 1e6:.1f} M active)")
+    print_table(result["rows"], [("batch", "batch", "d"), ("acceptance", "accepted", ".0%"),
+                                 ("tokens_per_target_forward", "tok/target fwd", ".2f"),
+                                 ("closed_form_tokens_per_forward", "(1-a^(k+1))/(1-a)", ".2f"),
+                                 ("draft_cost_ratio", "c", ".2f"), ("verify_cost_ratio", "verify / step", ".2f"),
+                                 ("speedup", "speedup", ".2f"), ("closed_form_speedup", "closed form", ".2f"),
+                                 ("costed_speedup", "costed", ".2f"), ("matches_greedy", "= greedy", "")])
+    print("closed form: (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a and c (a draft step / a target step) measured;\n"
+          "it assumes checking k + 1 tokens costs one target step. costed: tokens per target forward / "
+          "((k + 1) c + verify), the costs as they were (this draft runs k + 1 steps a round)")
+    if args.plot:
+        plot_speculative(args.plot, result)
+    return result
+
+
+def load_validation(checkpoint: str, tokenizer):
+    """The validation split of the data a checkpoint was trained on (for realistic prompts)."""
+    folder = resolve_checkpoint(checkpoint)
+    config = load_config_from(folder)
+    return prepare_data(config.data, config.model, config.train.seed, tokenizer)[1]
+
+
+def cost_model(args, cfg: ModelConfig) -> dict:
+    if args.claims:
+        rows = claims(load_config("gpt4").model)
+        for i, row in enumerate(rows, 1):
+            print(f"{i}. {row['claim']}\n   ours: {row['figure']}\n   verdict: {row['verdict']}")
+        return {"benchmark": "claims", "rows": rows}
+    hw = this_cpu(args.device) if args.hardware == "cpu" else costmodel.HARDWARE[args.hardware]
+    if args.dollars_per_hour is not None:
+        hw = dataclasses.replace(hw, dollars_per_hour=args.dollars_per_hour)
+    context = args.context or cfg.max_seq_len
+    width = args.bytes_per_param or (4 if args.hardware == "cpu" else 2)
+    result = {"benchmark": "costmodel", **costmodel.report(cfg, hw, args.batch, context, args.tp, args.pp, width)}
+    p, step = costmodel.param_counts(cfg), result["decode"]
+    print(f"{args.config} on {args.tp * args.pp} x {hw.name} (tensor {args.tp} x pipeline {args.pp}; each "
+          f"{hw.flops / 1e9:,.0f} GFLOP/s, {hw.bandwidth / 1e9:,.1f} GB/s, {hw.memory / 1e9:,.0f} GB, "
+          f"${hw.dollars_per_hour:g}/h), batch {args.batch}, context {context}, {width:g} bytes per value")
+    print(f"parameters: {p.total:,} total, {p.active:,} active per token "
+          f"(attention {p.attention:,}, experts {p.experts:,}, embeddings {p.embedding:,})")
+    print(f"FLOPs per token: {costmodel.flops_per_token(cfg, context):,} forward at context {context} "
+          f"(x3 = {result['flops_per_token']['training']:,} training)")
+    print(f"decode step: {step['flops']:.3g} FLOP, {step['weight_bytes']:.3g} weight bytes + {step['kv_bytes']:.3g} "
+          f"KV-cache bytes ({step['intensity']:.1f} FLOP/byte against a ridge of {hw.ridge:.0f}: {step['bound']}-bound)")
+    print(f"roofline: {step['step_s'] * 1e3:.3f} ms per step, {step['tokens_per_s_per_user']:,.1f} tokens/s per "
+          f"user, {step['tokens_per_s']:,.0f} tokens/s in all, MFU {step['mfu']:.1%}; "
+          f"${step['dollars_per_1k_tokens']:.6f} per 1k tokens")
+    if step["devices_for_memory"] > args.tp * args.pp:
+        print(f"note: weights and KV cache need {step['devices_for_memory']} such devices' memory, not "
+              f"{args.tp * args.pp}: raise --tp / --pp or lower --bytes-per-param")
+    if args.train_tokens:
+        devices = args.devices or args.tp * args.pp
+        train = costmodel.training_cost(cfg, args.train_tokens, hw, devices, args.mfu, context)
+        result["training"] = train
+        print(f"training on {args.train_tokens:.3g} tokens: {train['flops']:.3g} FLOP, {train['device_days']:,.0f} "
+              f"device-days at {args.mfu:.0%} MFU ({train['days']:,.1f} days on {devices}), "
+              f"${train['dollars']:,.0f}")
+    return result
+
+
+def this_cpu(device) -> costmodel.Hardware:
+    measured = hardware.machine(device)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return costmodel.Hardware(f"this {device} (measured)", measured["matmul_flops"], measured["bandwidth"], memory, 0.0)
+
+
+def moe_layer(args, cfg: ModelConfig) -> dict:
+    result = benchmarks.moe_layer(cfg, args.tokens, args.iters, args.device, args.impls)
+    result["matmul_peak_gflops"] = hardware.matmul_peak(args.device) / 1e9
+    shape = result["shape"]
+    print(f"MoE layer fwd+bwd on {args.device} ({result['threads']} threads): {shape['tokens']} tokens, "
+          f"D={shape['d_model']} F={shape['d_ff']} E={shape['n_experts']} k={shape['top_k']}, "
+          f"{result['expert_gflop_per_step']:.2f} GFLOP of expert matmuls")
+    print_table(result["rows"], [("name", "run", "s"), ("ms", "ms", ".1f"),
+                                 ("gflops", "GFLOP/s", ".1f"), ("ratio_to_floor", "x floor", ".3f")])
+    print(f"ratio_to_floor ({args.impls[0]} -> {result['impl']}): {result['ratio_to_floor']:.3f}; "
+          f"measured matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s")
+    return result
+
+
+def train_step(args, cfg: ModelConfig) -> dict:
+    result = benchmarks.train_step(cfg, args.batch_size, args.seq_len, args.iters, args.device)
+    print(f"train step on {args.device} ({result['threads']} threads): batch {result['batch_size']} x "
+          f"{result['seq_len']}, {result['params_total'] / 1e6:.1f} M params "
+          f"({result['params_active'] / 1e6:.1f} M active)")
+    print(f"{result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
+          f"{result['achieved_gflops']:.1f} GFLOP/s achieved")
+    return result
+
+
+COMMANDS = {"machine": machine, "decode": decode, "experts": experts, "batching": batching,
+            "speculative": speculative, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step}

@@ -1,0 +1,51 @@
+"""Generation from the command line's choices: one prompt streamed (plain, compiled or speculative),
+or a prompt file served by continuous batching. What `generate.py` calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..checkpoint import load_draft_for_inference, load_for_inference
+from ..tokenizer import EOT
+from .engine import Engine
+from .prompts import TextStream, prompt_with_images, read_prompt_file
+from .sampling import SamplingParams, compile_decode_step, generate
+from .speculative import SpeculativeStats, speculative_generate
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Print the generated text, then a one-line report (requests, tokens, tokens/s) on stderr."""
+    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    eot = tokenizer.token_to_id(EOT)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
+    started = time.perf_counter()
+    if args.prompt_file:
+        texts, requests = read_prompt_file(args.prompt_file, tokenizer, model.cfg.vision, params)
+        results = Engine(model, args.slots).run(requests)
+        for result in sorted(results, key=lambda r: r.id):
+            print(f"--- {result.id}: {texts[result.id]}\n{texts[result.id]}{tokenizer.decode(result.tokens)}")
+        n_tokens, report = sum(len(r.tokens) for r in results), f"{len(results)} requests"
+    else:
+        prompt, images = prompt_with_images(tokenizer, args.prompt, args.image, model.cfg.vision)
+        stats = SpeculativeStats()
+        if args.draft_checkpoint:
+            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
+            tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
+        else:
+            decode_step = compile_decode_step(model) if args.compile else None
+            tokens = generate(model, prompt, params, decode_step, images=images)
+        stream = TextStream(tokenizer)
+        print(args.prompt, end="", flush=True)
+        for token in tokens:
+            text = stream.add(token)
+            if args.stream:
+                print(text, end="", flush=True)
+        print(stream.rest() if args.stream else tokenizer.decode(stream.tokens))
+        n_tokens, report = len(stream.tokens), "1 request"
+        if args.draft_checkpoint:
+            report += (f", speculative k={args.speculate_k}: acceptance {stats.acceptance_rate:.0%}, "
+                       f"{stats.tokens_per_target_forward:.2f} tokens per target forward")
+    seconds = time.perf_counter() - started
+    print(f"[{report}, {n_tokens} tokens in {seconds:.2f} s, {n_tokens / seconds:.0f} tokens/s]", file=sys.stderr)
