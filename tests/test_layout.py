@@ -3,6 +3,7 @@ shape-letter legend."""
 
 import ast
 import re
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,3 +122,10 @@ def test_every_shape_suffix_is_spelled_from_the_one_legend():
                 if TOKENS.sub("", suffix):
                     bad.append(f"{path.relative_to(PACKAGE)}:{number}: {suffix}")
     assert not bad, "shape letters not in moe/shapes.py: " + "; ".join(bad)
+
+
+def test_the_install_ships_every_subpackage():
+    setuptools = pytest.importorskip("setuptools")
+    find = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(setuptools.find_packages(str(PACKAGE.parent), include=find["include"]))
+    assert shipped == {module_name(p) for p in PACKAGE.rglob("__init__.py")}
