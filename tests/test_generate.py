@@ -128,6 +128,17 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(target):
         assert all(sum(layer) == step.batch_size * target.cfg.top_k for layer in step.tokens_per_expert)
 
 
+def test_batched_results_equal_solo_results_at_the_context_end(target, tiny):
+    lengths = (tiny.max_seq_len - 5, tiny.max_seq_len - 2, tiny.max_seq_len - 1)  # prompt + 18 passes the end
+    requests = [Request(torch.randint(5, tiny.vocab_size, (n,)).tolist(), SamplingParams(max_new_tokens=18,
+                        temperature=0), id=i) for i, n in enumerate(lengths)]
+    results = Engine(target, slots=2).run(requests)
+    for r in results:
+        solo = list(generate(target, requests[r.id].prompt, requests[r.id].params))
+        assert r.tokens == solo and len(solo) == tiny.max_seq_len - len(requests[r.id].prompt)
+        assert r.finish == "length"
+
+
 def test_static_batching_waits_for_the_whole_batch(target):
     requests = [Request([1, 2], SamplingParams(max_new_tokens=n, temperature=0), id=i) for i, n in enumerate([2, 9, 2, 2])]
     static, continuous = Engine(target, slots=2, static=True), Engine(target, slots=2)
@@ -177,7 +188,7 @@ def test_speculative_sampling_is_distributed_exactly_as_the_target(noisy_copy):
 def test_draft_with_another_vocabulary_is_refused(target, tiny):
     other = MoETransformer(replace(tiny, vocab_size=256)).eval()
     with pytest.raises(ValueError, match="draft vocabulary \\(256\\) differs from the target's \\(512\\)"):
-        next(speculative_generate(target, other, [1], GREEDY))
+        speculative_generate(target, other, [1], GREEDY)
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -243,11 +254,17 @@ def test_a_draft_with_another_vocabulary_is_one_clear_error(run_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such/run"], "checkpoint /no/such/run: no such file or directory"),
     (["--prompt", "word " * 100], "leaves no room in model.max_seq_len=64"),
+    (["--prompt", "word " * 100, "--draft-checkpoint", "RUN"], "leaves no room in model.max_seq_len=64"),
     (["--top-p", "0"], "top_p=0.0: must be in (0, 1]"),
+    (["--prompt-file", "nothere.txt"], "--prompt-file nothere.txt: no such file"),
+    (["--prompt-file", "EMPTY"], "no prompts in it"),
 ])
-def test_generate_errors_are_one_clear_line(run_dir, args, message):
+def test_generate_errors_are_one_clear_line(run_dir, args, message, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    args = [{"RUN": str(run_dir), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in args]
     proc = generate_cli("--checkpoint", str(run_dir), *args)
     assert proc.returncode == 2
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1  # nothing echoed first; the error on its own line
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -44,6 +44,7 @@ class Result:
 class _Running:
     request: Request
     generator: torch.Generator
+    budget: int  # new tokens it may have: max_new_tokens, or less where the context ends
     tokens: list[int] = field(default_factory=list)
     submitted_s: float = 0.0
 
@@ -99,7 +100,8 @@ class Engine:
     def _admit(self, slot: int, request: Request, submitted_s: float) -> None:
         """Prefill the prompt into a free slot and sample the request's first token."""
         self.cache.reset(slot)
-        self.running[slot] = _Running(request, request.params.generator(self.device), submitted_s=submitted_s)
+        budget = new_token_budget(request.prompt, request.params, self.cache.capacity)
+        self.running[slot] = _Running(request, request.params.generator(self.device), budget, submitted_s=submitted_s)
         rows = torch.tensor([slot], device=self.device)
         images = None if request.images is None else request.images[None].to(self.device)
         out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows, images=images,
@@ -113,7 +115,7 @@ class Engine:
         seq.tokens.append(token)
         if token in params.stop_tokens:
             self._finish(slot, "stop")
-        elif len(seq.tokens) >= params.max_new_tokens or int(self.cache.lengths[slot]) >= self.cache.capacity:
+        elif len(seq.tokens) >= seq.budget:  # as `generate` stops: the same tokens, batched or alone
             self._finish(slot, "length")
 
     def _finish(self, slot: int, reason: str) -> None:

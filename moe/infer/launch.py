@@ -37,7 +37,7 @@ def launch(args: argparse.Namespace) -> None:
             decode_step = compile_decode_step(model) if args.compile else None
             tokens = generate(model, prompt, params, decode_step, images=images)
         stream = TextStream(tokenizer)
-        print(args.prompt, end="", flush=True)
+        print(args.prompt, end="", flush=True)  # the prompt was checked above, as `tokens` was made
         for token in tokens:
             text = stream.add(token)
             if args.stream:

@@ -48,11 +48,15 @@ def read_prompt_file(path: str | Path, tokenizer: Tokenizer, vision: VisionConfi
     """Prompts as text, one a line; or, in a .jsonl file, {"prompt": text, "images": [paths]} a
     line (image paths relative to the file). Returns the texts and one request each, ids 0, 1, ..."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
     if path.suffix == ".jsonl":
         records = read_jsonl(path, (), optional=("prompt", "images"))
         prompts = [(str(r.get("prompt", "")), [path.parent / str(p) for p in r.get("images") or []]) for _, r in records]
     else:
         prompts = [(line, []) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path}: no prompts in it (one a line)")
     requests = []
     for i, (text, images) in enumerate(prompts):
         ids, pixels = prompt_with_images(tokenizer, text, images, vision)

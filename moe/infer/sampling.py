@@ -90,18 +90,23 @@ def compile_decode_step(model):
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
-@torch.no_grad()
 def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
              images: Tensor | None = None) -> Iterator[int]:
-    """Yield new tokens one at a time (streaming): prefill the prompt once, then decode with the cache.
+    """New tokens one at a time (streaming): prefill the prompt once, then decode with the cache.
+    A prompt that does not fit is an error here, before any token is asked for.
 
     `decode_step` runs the one-token steps (default: the model itself; `compile_decode_step(model)`
     for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
     `images` (M, C, W, W) go with the prompt's <|image|> tokens: they are encoded once, at the
     prefill, and the cache keeps their visual tokens for every decode step.
     """
-    decode_step = model if decode_step is None else decode_step
     budget = new_token_budget(prompt, params, model.cfg.max_seq_len)
+    return _stream(model, prompt, params, budget, model if decode_step is None else decode_step, images)
+
+
+@torch.no_grad()
+def _stream(model, prompt: list[int], params: SamplingParams, budget: int, decode_step,
+            images: Tensor | None) -> Iterator[int]:
     device = next(model.parameters()).device
     # The cache always spans the whole context: one shape for every call, so a compiled model
     # never recompiles (eagerly, attention only reads as far as the sequence goes).

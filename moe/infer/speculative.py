@@ -45,9 +45,10 @@ class SpeculativeStats:
         return self.emitted / self.rounds if self.rounds else 0.0
 
 
-@torch.no_grad()
 def speculative_generate(target, draft, prompt: list[int], params: SamplingParams, k: int = 4,
                          stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """New tokens one at a time, as `generate` yields them; a bad draft, k or prompt is an error
+    here, before any token is asked for."""
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                          f"({target.cfg.vocab_size}): they must share a tokenizer")
@@ -55,7 +56,13 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
         raise ValueError(f"speculate k={k}: must be >= 1")
     context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
     budget = new_token_budget(prompt, params, context)
-    stats = stats if stats is not None else SpeculativeStats()
+    return _speculate(target, draft, prompt, params, k, stats if stats is not None else SpeculativeStats(),
+                      context, budget)
+
+
+@torch.no_grad()
+def _speculate(target, draft, prompt: list[int], params: SamplingParams, k: int, stats: SpeculativeStats,
+               context: int, budget: int) -> Iterator[int]:
     device = next(target.parameters()).device
     capacity = min(context, len(prompt) + budget + k + 1)
     t_cache = KVCache(target.cfg, 1, capacity=min(capacity, target.cfg.max_seq_len), device=device)
