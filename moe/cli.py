@@ -54,12 +54,23 @@ def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     return args, overrides
 
 
+class Interrupted(Exception):
+    """An orderly stop asked for by a signal (its work saved first); exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main`, turning expected failures into one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keep_freed_memory()
     try:
         sys.exit(main(argv) or 0)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         if "--debug" in argv:
             traceback.print_exc()

@@ -38,7 +38,10 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) make files 0600
         for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(mode)
             fsync(path)
         if final.exists():
             shutil.rmtree(final)
@@ -47,6 +50,12 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def fsync(path: Path) -> None:

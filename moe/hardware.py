@@ -21,8 +21,8 @@ def sync(device: torch.device) -> None:
 
 
 def median_times(fns: dict[str, Callable[[], object]], device: torch.device, iters: int,
-                 warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns call by call.
+                 warmup: int = 2, statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Median (or `statistic`) seconds per call of each function, the functions taking turns call by call.
 
     Round-robin rather than one block per function: a slow patch of a shared machine then
     lands on every contender alike, which keeps ratios stable where absolute times are not.
@@ -38,27 +38,30 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, ite
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistic(s) for name, s in samples.items()}
 
 
 def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters: int = 5) -> float:
-    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against."""
+    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against.
+    The fastest of `iters` calls: a peak is what the machine can do, and one quiet call shows it
+    where a neighbour slows the others."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 2048)  # large enough to reach the peak on each
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
     a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
-    seconds = median_times({"mm": lambda: a @ b}, dev, iters)["mm"]
+    seconds = median_times({"mm": lambda: a @ b}, dev, iters, statistic=min)["mm"]
     return 2 * n**3 / seconds
 
 
 def memory_bandwidth(device: torch.device | str = "cpu", mib: int = 256, iters: int = 5) -> float:
-    """Measured memory bytes/s: a copy of `mib` MiB, far larger than any cache, reads and writes each byte."""
+    """Measured memory bytes/s: a copy of `mib` MiB, far larger than any cache, reads and writes each
+    byte (the fastest of `iters` copies, as for the matmul peak)."""
     dev = torch.device(device)
     src = torch.ones(mib * 2**20 // 4, device=dev)
     dst = torch.empty_like(src)
-    seconds = median_times({"copy": lambda: dst.copy_(src)}, dev, iters)["copy"]
+    seconds = median_times({"copy": lambda: dst.copy_(src)}, dev, iters, statistic=min)["copy"]
     return 2 * src.nbytes / seconds
 
 

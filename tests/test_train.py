@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from moe.config import TrainConfig, load_config
 from moe.data import corpus as data_module
 from moe.data.corpus import InstructData, prepare_data
 from moe.tokenizer import ASSISTANT, EOT, USER
+from moe.train.launch import launch
+from moe.train.stopping import StopSignals
 from moe.train.trainer import RunOptions, Trainer, batch_size_at, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +63,16 @@ def test_tokenised_corpus_is_cached_and_reused(cache_dir, monkeypatch):
     assert tokenizer2.to_str() == tokenizer.to_str()
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert torch.equal(first.batch(0, 4, 32).inputs, second.batch(0, 4, 32).inputs)
+
+
+def test_a_first_run_says_what_it_is_doing_before_the_first_step(tmp_path, capsys):
+    cfg = tiny_config(str(tmp_path / "fresh"), "train.max_steps=1")
+    Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11))
+    first = capsys.readouterr().err
+    assert re.search(r"training a 512-token BPE tokenizer .*: done in \d+\.\d s", first)
+    assert re.search(r"reading and tokenising source docs .*: done in \d+\.\d s", first)
+    Trainer(cfg, RunOptions(tmp_path / "again", torch.device("cpu"), peak_flops=1e11))
+    assert "tokenis" not in capsys.readouterr().err  # the caches answer: nothing slow to announce
 
 
 def test_batches_are_packed_windows_with_shifted_targets(cache_dir):
@@ -107,9 +120,21 @@ def test_training_lowers_the_validation_loss(cache_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_logs = [r for r in records if r["type"] == "train"]
     assert train_logs[-1]["step"] == 40 and 0 < train_logs[-1]["mfu"]
+    for r in train_logs:  # the loss and its parts are averaged over the same steps
+        parts = r["ce_loss"] + cfg.model.aux_loss_coef * r["balance_loss"] + cfg.model.z_loss_coef * r["z_loss"]
+        assert r["loss"] == pytest.approx(parts, rel=1e-6)
     assert len(train_logs[-1]["expert_share"]) == cfg.model.n_layers
     assert sum(train_logs[-1]["expert_share"][0]) == pytest.approx(1.0, abs=1e-3)
     assert ckpt.list_checkpoints(tmp_path / "run")[-1].name == "step-0000040"
+
+
+def test_mfu_never_exceeds_one_even_against_a_peak_probed_on_a_busy_machine(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=4", "train.log_every=2")
+    summary = Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e3, quiet=True)).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in records if r["type"] in ("train", "summary")]
+    assert len(mfus) == 3 and all(0 < m <= 1 for m in mfus)
+    assert summary["peak_flops"] > 1e6  # probed again: far above the 1 kFLOP/s it was told
 
 
 def test_instruction_fine_tuning_from_a_checkpoint(cache_dir, tmp_path):
@@ -149,6 +174,16 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(cache_dir, t
     assert "trainer.pt" in warnings[-1]
 
 
+def test_checkpoint_files_get_the_mode_every_other_file_gets(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.max_steps=1")
+    Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == \
+        {name: 0o666 & ~umask for name in (*ckpt.FILES, "manifest.json")}
+
+
 def test_only_the_last_n_checkpoints_are_kept(cache_dir, tmp_path):
     cfg = tiny_config(cache_dir, "train.max_steps=8", "train.ckpt_every=2", "train.keep_checkpoints=2")
     Trainer(cfg, RunOptions(tmp_path, torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
@@ -172,8 +207,15 @@ def losses_by_step(run_dir):
     return losses
 
 
-def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
-    subprocess.run(train_cli(tmp_path / "whole", cache_dir), check=True, capture_output=True, timeout=300)
+@pytest.fixture(scope="module")
+def whole_run(cache_dir, tmp_path_factory):
+    """The 40 steps of `train_cli`, never interrupted: what stopped and resumed runs must equal."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    subprocess.run(train_cli(run, cache_dir), check=True, capture_output=True, timeout=300)
+    return run
+
+
+def test_kill_and_resume_is_bit_identical(cache_dir, whole_run, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cli(killed, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -185,9 +227,41 @@ def test_kill_and_resume_is_bit_identical(cache_dir, tmp_path):
     resumed = subprocess.run(train_cli(killed, cache_dir, "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    whole, after_kill = losses_by_step(tmp_path / "whole"), losses_by_step(killed)
+    whole, after_kill = losses_by_step(whole_run), losses_by_step(killed)
     assert sorted(whole) == sorted(after_kill) == list(range(1, 41))
     assert all(whole[s] == after_kill[s] for s in whole)  # bit for bit, every step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_bit_identical(cache_dir, whole_run,
+                                                                                      tmp_path, signum):
+    run = tmp_path / "stopped"
+    no_periodic = "--train.ckpt_every=1000"  # so the only checkpoint before the end is the one the signal asks for
+    proc = subprocess.Popen(train_cli(run, cache_dir, no_periodic), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and 12 not in _steps_so_far(run):
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    stopped_at = max(_steps_so_far(run))
+    assert proc.returncode == 128 + signum, stderr
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step-{stopped_at:07d}"] and stopped_at < 40
+    assert f"stopped by {signal.Signals(signum).name} after step {stopped_at}" in stderr and "--resume" in stderr
+    resumed = subprocess.run(train_cli(run, cache_dir, no_periodic, "--resume"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, after = losses_by_step(whole_run), losses_by_step(run)
+    assert sorted(after) == list(range(1, 41)) and all(whole[s] == after[s] for s in whole)
+
+
+def test_a_second_signal_stops_at_once():
+    with StopSignals() as stop:
+        stop.handle(signal.SIGINT, None)  # the first: noted, nothing else
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # the second: Python's own handler again, at once
+            stop.handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _steps_so_far(run_dir):
@@ -195,6 +269,17 @@ def _steps_so_far(run_dir):
         return losses_by_step(run_dir)
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written
         return {}
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(cache_dir, tmp_path, capsys):
+    overrides = [f"data.cache_dir={json.dumps(cache_dir)}", "data.sources={docs = 1}", "train.sample_tokens=0",
+                 "train.max_steps=3"]
+    run = tmp_path / "run"
+    launch("tiny", overrides, run, torch.device("cpu"), peak_flops=1e11, quiet=True)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert launch("tiny", [], run, torch.device("cpu"), resume=True, peak_flops=1e11, quiet=True) is None
+    assert "is finished: step 3 of train.max_steps=3; nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
 def test_a_run_directory_is_never_overwritten(cache_dir, tmp_path):

@@ -13,6 +13,7 @@ resumed run only needs the number of sequences drawn so far to continue exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -21,7 +22,8 @@ import os
 import random
 import sys
 import sysconfig
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +117,24 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.path.expanduser(cfg.cache_dir))
 
 
-def build_tokenizer(cfg: DataConfig, vocab_size: int, documents: Callable[[str], list[str]]) -> Tokenizer:
+Say = Callable[[str], None] | None  # where a first run's slow stages are announced (None: nowhere)
+
+
+@contextlib.contextmanager
+def stage(say: Say, what: str) -> Iterator[None]:
+    """Announce a slow one-off step of a first run (training the tokenizer, tokenising a source),
+    then how long it took."""
+    if say is None:
+        yield
+        return
+    say(f"{what} ...")
+    start = time.perf_counter()
+    yield
+    say(f"{what}: done in {time.perf_counter() - start:.1f} s")
+
+
+def build_tokenizer(cfg: DataConfig, vocab_size: int, documents: Callable[[str], list[str]],
+                    say: Say = None) -> Tokenizer:
     """Train a BPE tokenizer on a sample of the sources, or reuse the one cached for them."""
     names = list(cfg.sources) or ["docs"]
     key = hashlib.sha256(json.dumps([sorted(source_fingerprint(n) for n in names), vocab_size,
@@ -124,40 +143,31 @@ def build_tokenizer(cfg: DataConfig, vocab_size: int, documents: Callable[[str],
     if path.is_file():
         return load_tokenizer(path)
     budget = cfg.tokenizer_sample_mb * 1e6 / len(names)  # characters per source
-    sample = []
-    for name in names:
-        docs = documents(name)
-        taken = 0
-        for doc in random.Random(0).sample(docs, len(docs)):
-            if taken >= budget:
-                break
-            sample.append(doc)
-            taken += len(doc)
-    tokenizer = train_tokenizer(sample, vocab_size)
-    atomic_write(path, tokenizer.to_str().encode())
+    with stage(say, f"training a {vocab_size:,}-token BPE tokenizer on {cfg.tokenizer_sample_mb:g} MB of "
+                    f"{', '.join(names)} (once: it is cached in {path.parent})"):
+        sample = []
+        for name in names:
+            docs = documents(name)
+            taken = 0
+            for doc in random.Random(0).sample(docs, len(docs)):
+                if taken >= budget:
+                    break
+                sample.append(doc)
+                taken += len(doc)
+        tokenizer = train_tokenizer(sample, vocab_size)
+        atomic_write(path, tokenizer.to_str().encode())
     return tokenizer
 
 
-def tokenize_source(cfg: DataConfig, name: str, documents: Callable[[str], list[str]], tokenizer: Tokenizer) -> dict:
+def tokenize_source(cfg: DataConfig, name: str, documents: Callable[[str], list[str]], tokenizer: Tokenizer,
+                    say: Say = None) -> dict:
     """Token arrays of one source, from the cache if there: {train, val, val_bytes}."""
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
     folder = cache_root(cfg) / "tokens" / f"{source_fingerprint(name)}-{tok_hash}-{cfg.val_fraction}"
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
-        docs = documents(name)
-        docs = random.Random(0).sample(docs, len(docs))  # so the held-out tail mixes many documents
-        eot = tokenizer.token_to_id(EOT)
-        ids = [i for enc in tokenizer.encode_batch(docs) for i in (*enc.ids, eot)]
-        dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
-        tokens = np.asarray(ids, dtype=dtype)
-        n_val = max(int(len(tokens) * cfg.val_fraction), 1)
-        train, val = tokens[:-n_val], tokens[-n_val:]
-        val_bytes = len(tokenizer.decode(val.tolist(), skip_special_tokens=False).encode("utf-8"))
-        folder.mkdir(parents=True, exist_ok=True)
-        for split, array in (("train", train), ("val", val)):
-            atomic_write(folder / f"{split}.npy", _npy_bytes(array))
-        atomic_write(meta_path, json.dumps({"source": name, "train_tokens": len(train), "val_tokens": len(val),
-                                             "val_bytes": val_bytes}).encode())
+        with stage(say, f"reading and tokenising source {name} (once: it is cached in {folder.parent})"):
+            _tokenize(cfg, name, documents, tokenizer, folder)
     meta = json.loads(meta_path.read_text())
     return {
         "train": np.load(folder / "train.npy", mmap_mode="r"),
@@ -165,6 +175,26 @@ def tokenize_source(cfg: DataConfig, name: str, documents: Callable[[str], list[
         "val_bytes": meta["val_bytes"],
         "folder": folder,
     }
+
+
+def _tokenize(cfg: DataConfig, name: str, documents: Callable[[str], list[str]], tokenizer: Tokenizer,
+              folder: Path) -> None:
+    """Tokenise a source into folder/{train,val}.npy and meta.json (written last: its presence
+    says the rest is there)."""
+    docs = documents(name)
+    docs = random.Random(0).sample(docs, len(docs))  # so the held-out tail mixes many documents
+    eot = tokenizer.token_to_id(EOT)
+    ids = [i for enc in tokenizer.encode_batch(docs) for i in (*enc.ids, eot)]
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    tokens = np.asarray(ids, dtype=dtype)
+    n_val = max(int(len(tokens) * cfg.val_fraction), 1)
+    train, val = tokens[:-n_val], tokens[-n_val:]
+    val_bytes = len(tokenizer.decode(val.tolist(), skip_special_tokens=False).encode("utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, array in (("train", train), ("val", val)):
+        atomic_write(folder / f"{split}.npy", _npy_bytes(array))
+    atomic_write(folder / "meta.json", json.dumps({"source": name, "train_tokens": len(train),
+                                                   "val_tokens": len(val), "val_bytes": val_bytes}).encode())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -178,10 +208,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 class PretrainData:
     """The packed token streams of all sources, sampled in proportion to tokens x epochs."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, documents: Callable[[str], list[str]], seed: int = 0):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, documents: Callable[[str], list[str]], seed: int = 0,
+                 say: Say = None):
         self.seed = seed
         self.names = list(cfg.sources)
-        streams = [tokenize_source(cfg, name, documents, tokenizer) for name in self.names]
+        streams = [tokenize_source(cfg, name, documents, tokenizer, say) for name in self.names]
         self.train = [s["train"] for s in streams]
         self.val = [s["val"] for s in streams]
         self.val_bytes = sum(s["val_bytes"] for s in streams)
@@ -263,17 +294,18 @@ def document_reader(cfg: DataConfig) -> Callable[[str], list[str]]:
     return functools.cache(lambda name: read_documents(name, cfg.text_field))
 
 
-def prepare_data(cfg: DataConfig, model: ModelConfig, seed: int, tokenizer: Tokenizer | None = None):
+def prepare_data(cfg: DataConfig, model: ModelConfig, seed: int, tokenizer: Tokenizer | None = None,
+                 say: Say = None):
     """(tokenizer, data): the given tokenizer or a trained/cached one; image-caption, instruct or
     pretraining data."""
     if cfg.images and model.vision is None:
         raise ValueError(f"data.images={cfg.images!r} needs a model with a vision branch (a [model.vision] section)")
     documents = document_reader(cfg)
-    tokenizer = tokenizer or build_tokenizer(cfg, model.vocab_size, documents)
+    tokenizer = tokenizer or build_tokenizer(cfg, model.vocab_size, documents, say)
     if tokenizer.get_vocab_size() != model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size={model.vocab_size}")
     if cfg.images:
         return tokenizer, CaptionData(cfg, model.vision, tokenizer, seed)
     if cfg.instruct:
         return tokenizer, InstructData(cfg.instruct, tokenizer, cfg.val_fraction, seed)
-    return tokenizer, PretrainData(cfg, tokenizer, documents, seed)
+    return tokenizer, PretrainData(cfg, tokenizer, documents, seed, say)

@@ -175,6 +175,15 @@ def mean(values: list[float], world: World) -> list[float]:
     return (t / world.size).tolist()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether the flag is set on any rank (one collective)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def total(tensors: list[torch.Tensor], world: World) -> list[torch.Tensor]:
     """Each tensor summed over the ranks (counts: tokens per expert, drops)."""
     if not world.distributed or not tensors:

@@ -16,9 +16,10 @@ from .trainer import RunOptions, Trainer
 
 def launch(config_name: str, overrides: list[str], out: Path, device: torch.device, resume: bool = False,
            init_from: str | None = None, compile: bool = False, peak_flops: float | None = None,
-           quiet: bool = False) -> dict:
-    """Train, print the summary, and return it. A run directory that holds checkpoints is only
-    ever continued (`resume`), never overwritten."""
+           quiet: bool = False) -> dict | None:
+    """Train, print the summary, and return it (None when a resumed run was already finished:
+    nothing is written then). A run directory that holds checkpoints is only ever continued
+    (`resume`), never overwritten."""
     resume_from = init_folder = None
     if resume:
         resume_from = ckpt.latest_checkpoint(out)
@@ -42,6 +43,10 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
         say(describe(config.model) + layout)
         options = RunOptions(out, device, resume_from, init_folder, compile, peak_flops, quiet, world)
         trainer = Trainer(config, options)
+        if resume_from and trainer.step >= config.train.max_steps:
+            say(f"{out} is finished: step {trainer.step} of train.max_steps={config.train.max_steps}; nothing to do "
+                f"(pass a larger --train.max_steps to train on)")
+            return None
         if resume_from:
             say(f"resuming from {resume_from} (step {trainer.step})")
         summary = trainer.train()

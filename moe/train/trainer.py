@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
+from ..cli import Interrupted
 from ..config import Config, ConfigError, TrainConfig
 from ..data.captions import CaptionData
 from ..data.corpus import prepare_data
@@ -31,6 +33,7 @@ from ..model.params import Kind, is_vision, param_kind
 from ..tokenizer import EOT, IMAGE_ID
 from . import distributed
 from .evaluate import caption_accuracy
+from .stopping import StopSignals
 
 
 @dataclass
@@ -45,6 +48,10 @@ class RunOptions:
     peak_flops: float | None = None  # FLOP/s for MFU; measured by a matmul probe when None
     quiet: bool = False
     world: distributed.World = field(default_factory=distributed.World)  # this process among torchrun's
+
+
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -72,7 +79,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         source = options.resume_from or options.init_from
         tokenizer = ckpt.load_checkpoint_tokenizer(source) if source else None
-        self.tokenizer, self.data = prepare_data(config.data, mcfg, self.cfg.seed, tokenizer)
+        say = None if options.quiet or not options.world.is_main else to_stderr  # a first run's slow stages
+        self.tokenizer, self.data = prepare_data(config.data, mcfg, self.cfg.seed, tokenizer, say)
 
         torch.manual_seed(self.cfg.seed)
         self.model = MoETransformer(mcfg)
@@ -147,23 +155,26 @@ class Trainer:
         started, interval, whole = time.perf_counter(), Meter(), Meter()
         # A fresh or --init-from run evaluates first: the "before" of a fine-tune.
         evaluation = self.evaluate(bar) if self.step == 0 else {}
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            record = self.train_step()
-            if not record["finite"] and self.world.is_main:
-                bar.write(f"step {self.step}: non-finite loss or gradient, step skipped "
-                          f"({self.skipped_steps} skipped so far)")
-            for meter in (interval, whole):
-                meter.add(record, time.perf_counter() - t0)
-            bar.update(1)
-            last = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or last:
-                self.log(record, interval, bar)
-                interval = Meter()
-            if self.step % cfg.eval_every == 0 or last:
-                evaluation = self.evaluate(bar)
-            if self.step % cfg.ckpt_every == 0 or last:
-                self.save()
+        with StopSignals() as stop:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if not record["finite"] and self.world.is_main:
+                    bar.write(f"step {self.step}: non-finite loss or gradient, step skipped "
+                              f"({self.skipped_steps} skipped so far)")
+                for meter in (interval, whole):
+                    meter.add(record, time.perf_counter() - t0)
+                bar.update(1)
+                last = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or last:
+                    self.log(record, interval, bar)
+                    interval = Meter()
+                if self.step % cfg.eval_every == 0 or last:
+                    evaluation = self.evaluate(bar)
+                folder = self.save() if self.step % cfg.ckpt_every == 0 or last else None
+                if not last and self.stop_asked(stop):
+                    bar.close()
+                    raise self.stopped(stop.received, folder or self.save())
         bar.close()
         if not evaluation:  # nothing left to train (a resume of a finished run)
             evaluation = self.evaluate(bar)
@@ -175,15 +186,32 @@ class Trainer:
         self.write(summary)
         return summary
 
+    def stop_asked(self, stop: StopSignals) -> bool:
+        """Whether a signal asked this run to stop (under torchrun: any rank's, so all stop alike)."""
+        return distributed.any_rank(stop.received is not None, self.world)
+
+    def stopped(self, signum: int | None, folder: Path) -> Interrupted:
+        name = signal.Signals(signum).name if signum else "a signal on another rank"
+        return Interrupted(f"stopped by {name} after step {self.step}; its checkpoint is {folder}: continue with "
+                           f"python train.py --out {self.out} --resume", 128 + (signum or signal.SIGTERM))
+
     def mfu(self, meter: Meter) -> float | None:
-        return meter.seconds and meter.flops / meter.seconds / self.peak_flops
+        """Achieved FLOP/s over the peak, never above 1. A span faster than the peak means the peak
+        was probed while the machine was busy (or --peak-flops was low): it is probed again, and
+        is never taken below what the machine was just seen to do."""
+        if not meter.seconds:
+            return None
+        achieved = meter.flops / meter.seconds
+        if achieved > self.peak_flops:
+            self.peak_flops = max(matmul_peak(self.device) * self.world.size, achieved)
+        return achieved / self.peak_flops
 
     def log(self, record: dict, interval: Meter, bar: tqdm) -> None:
-        log = {"type": "train", "step": self.step, "loss": interval.loss / interval.steps,
-               **{k: record[k] for k in ("ce_loss", "balance_loss", "z_loss", "lr", "batch_size", "skipped_steps",
-                                         "rollbacks")},
+        log = {"type": "train", "step": self.step, **interval.mean_losses(),
+               **{k: record[k] for k in ("lr", "batch_size", "skipped_steps", "rollbacks")},
                "tokens_seen": self.tokens_seen, "tokens_per_s": interval.tokens_per_s,
-               "mfu": self.mfu(interval), **expert_load(interval.expert_tokens, record["dropped"])}
+               "mfu": self.mfu(interval), "peak_flops": self.peak_flops,
+               **expert_load(interval.expert_tokens, record["dropped"])}
         self.write(log)
         bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{log['tokens_per_s']:.0f}", mfu=f"{log['mfu']:.0%}",
                         refresh=False)
@@ -352,20 +380,28 @@ class Trainer:
 
 
 class Meter:
-    """Sums over a span of steps: time, tokens, FLOPs, loss and tokens per expert."""
+    """Sums over a span of steps: time, tokens, FLOPs, the loss and its parts, tokens per expert."""
+
+    LOSSES = ("loss", "ce_loss", "balance_loss", "z_loss")
 
     def __init__(self):
-        self.seconds, self.tokens, self.flops, self.loss, self.steps = 0.0, 0, 0, 0.0, 0
+        self.seconds, self.tokens, self.flops, self.steps = 0.0, 0, 0, 0
+        self.losses = dict.fromkeys(self.LOSSES, 0.0)
         self.expert_tokens: list[torch.Tensor] = []
 
     def add(self, record: dict, seconds: float) -> None:
         self.seconds += seconds
         self.tokens += record["tokens"]
         self.flops += record["flops"]
-        self.loss += record["loss"]
+        for key in self.LOSSES:
+            self.losses[key] += record[key]
         self.steps += 1
         counts = record["expert_tokens"]
         self.expert_tokens = [a + b for a, b in zip(self.expert_tokens, counts)] if self.expert_tokens else counts
+
+    def mean_losses(self) -> dict[str, float]:
+        """The loss and its parts averaged over the same steps, so loss = ce_loss + the weighted rest."""
+        return {key: total / self.steps for key, total in self.losses.items()}
 
     @property
     def tokens_per_s(self) -> float | None:
