@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, processors
 from torch import Tensor
 
 from . import checkpoint as ckpt
@@ -67,7 +68,8 @@ def to_hf_config(cfg: ModelConfig, eot: int, pad: int):
         head_dim=cfg.head_dim, num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
         tie_word_embeddings=cfg.tie_embeddings, router_aux_loss_coef=cfg.aux_loss_coef,
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=pad, sliding_window=None)
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=pad, sliding_window=None,
+        architectures=["MixtralForCausalLM"])  # what tools that pick the model class read (llama.cpp, vLLM)
     scaling = {"rope_type": "linear", "factor": cfg.rope_scale} if cfg.rope_scale != 1 else {"rope_type": "default"}
     if hasattr(hf, "rope_parameters"):  # transformers 5
         hf.rope_parameters = {**scaling, "rope_theta": cfg.rope_theta}
@@ -219,15 +221,29 @@ def read_hf_tensors(folder: Path) -> dict[str, Tensor]:
 
 # ---- the two commands -----------------------------------------------------------------------
 
-def write_tokenizer(folder: Path, tokenizer, max_len: int) -> None:
-    """Our tokenizer.json as it is, and the config that makes `AutoTokenizer` load it as a fast
-    tokenizer with <|endoftext|> as its begin / end token and <|pad|> for padding."""
-    (folder / "tokenizer.json").write_text(tokenizer.to_str())
+def write_tokenizer(folder: Path, tokenizer: Tokenizer, max_len: int) -> None:
+    """Our tokenizer.json, with a post-processor that starts every text with <|endoftext|> as
+    generate.py starts every prompt (so transformers' `tokenizer(prompt)` gives the ids we generate
+    from), and the config that makes `AutoTokenizer` load it as a fast tokenizer with
+    <|endoftext|> as its begin / end token, <|pad|> for padding, and GPT-2's byte-level
+    pre-tokenizer settings (no prefix space), which are the ones it uses."""
+    exported = Tokenizer.from_str(tokenizer.to_str())
+    exported.post_processor = processors.TemplateProcessing(
+        single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, tokenizer.token_to_id(EOT))])
+    (folder / "tokenizer.json").write_text(exported.to_str())
     special = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-              "clean_up_tokenization_spaces": False, **special}
+              "clean_up_tokenization_spaces": False, "add_bos_token": True, "add_eos_token": False,
+              "add_prefix_space": False, **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def without_post_processor(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer as ours are: the code that encodes a prompt adds <|endoftext|> itself."""
+    raw = json.loads(tokenizer.to_str())
+    raw["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(raw))
 
 
 def export(checkpoint: str | Path, out: str | Path, warn=print) -> Path:
@@ -259,7 +275,7 @@ def import_(hf_dir: str | Path, out: str | Path) -> Path:
         raise ckpt.CheckpointError(f"{out} already holds checkpoints: choose another --out")
     transformers_module()  # the same requirement both ways
     cfg = from_hf_config(json.loads((hf_dir / "config.json").read_text()), hf_dir / "config.json")
-    tokenizer = load_tokenizer(hf_dir / "tokenizer.json")
+    tokenizer = without_post_processor(load_tokenizer(hf_dir / "tokenizer.json"))
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"{hf_dir}: tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
                           f"vocab_size={cfg.vocab_size}")

@@ -2,6 +2,7 @@
 own MixtralForCausalLM, identical greedy generation, exact round trips, clear refusals."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ from moe import MoETransformer, load_config
 from moe import checkpoint as ckpt
 from moe.config import Config
 from moe.hf import export, import_
+from moe.infer.prompts import prompt_with_images
 from moe.infer.sampling import SamplingParams, generate
 from moe.tokenizer import train_tokenizer
+from moe.train.trainer import RunOptions, Trainer
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +84,30 @@ def test_import_of_export_is_bit_identical_and_the_tokenizer_loads(tmp_path, tok
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours.state_dict().items())
     assert back_tokenizer.to_str() == tokenizer.to_str()
     auto = transformers.AutoTokenizer.from_pretrained(hf)
-    assert auto.encode(TEXT[1]) == tokenizer.encode(TEXT[1]).ids and auto.decode(auto.encode(TEXT[0])) == TEXT[0]
+    assert auto.encode(TEXT[1]) == [0, *tokenizer.encode(TEXT[1]).ids]  # <|endoftext|> first, as generate.py does
+    assert auto.decode(auto.encode(TEXT[0]), skip_special_tokens=True) == TEXT[0]
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in hf.iterdir()} == {0o666 & ~umask}  # the weights too
+
+
+def test_transformers_tokenizer_and_generate_answer_as_generate_py_does(tmp_path):
+    cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
+                               "train.max_steps=30", "train.sample_tokens=0"])
+    Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    hf = export(tmp_path / "run", tmp_path / "hf")
+    prompt = "def main():"
+    ours = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt,
+                           "--temperature", "0", "--max-new-tokens", "24"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert ours.returncode == 0, ours.stderr
+    auto = transformers.AutoTokenizer.from_pretrained(hf)
+    ids = auto(prompt, return_tensors="pt").input_ids
+    _, ours_tokenizer = ckpt.load_for_inference(tmp_path / "run")
+    assert ids[0].tolist() == prompt_with_images(ours_tokenizer, prompt, [], None)[0]  # what generate.py feeds
+    out = hf_model(hf).generate(ids, max_new_tokens=24, do_sample=False)
+    assert ours.stdout == prompt + auto.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
 def test_an_imported_run_is_not_resumable_but_can_start_one(tmp_path, tokenizer):
