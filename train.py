@@ -1,7 +1,8 @@
 """Train an MoE transformer.
 
 With no arguments: the `small` model on the built-in corpus (Python's docs and standard
-library, text 2 epochs and code 4), on the CPU, in about ten minutes, into runs/small.
+library, text 2 epochs and code 4), on the CPU, into runs/small: about ten minutes on an
+idle 2-core machine, longer on a busy one.
 
 Examples:
   python train.py                                         the default run
