@@ -7,6 +7,7 @@ import torch
 
 from moe import ModelConfig, MoETransformer, load_config
 from moe.infer.engine import Engine, Request
+from moe.infer.prompts import read_prompt_file
 from moe.infer.sampling import (
     SamplingParams,
     generate,
@@ -17,6 +18,7 @@ from moe.infer.sampling import (
 from moe.infer.speculative import SpeculativeStats, speculative_generate
 from moe.model.dispatch import DECODE_TOKENS, DecodeDispatcher, LocalDispatcher
 from moe.model.kv_cache import KVCache
+from moe.tokenizer import train_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 
@@ -72,6 +74,19 @@ def test_decoding_is_the_callers_explicit_choice(tiny):
         model(tokens, decode=True)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, decode=True).logits, model(tokens).logits)
+
+
+def test_prompt_files_are_read_with_file_and_line_in_every_error(tmp_path):
+    tokenizer = train_tokenizer(["def main(): pass"] * 5, 300)
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "a"}\n\n{"images": []}\n')
+    texts, requests = read_prompt_file(good, tokenizer, None, GREEDY)
+    assert texts == ["a", ""] and [r.id for r in requests] == [0, 1] and requests[0].prompt[0] == 0  # EOT first
+    for name, text, message in [("list.jsonl", '{"images": "x.png"}\n', 'list.jsonl:1: "images" must be a list'),
+                                ("array.jsonl", '{"prompt": "a"}\n\n[1, 2]\n', "array.jsonl:3: expected a JSON object")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_prompt_file(tmp_path / name, tokenizer, None, GREEDY)
 
 
 def test_cache_is_n_heads_times_smaller_under_mqa(tiny):

@@ -51,8 +51,12 @@ def read_prompt_file(path: str | Path, tokenizer: Tokenizer, vision: VisionConfi
     if not path.is_file():
         raise FileNotFoundError(f"--prompt-file {path}: no such file")
     if path.suffix == ".jsonl":
-        records = read_jsonl(path, (), optional=("prompt", "images"))
-        prompts = [(str(r.get("prompt", "")), [path.parent / str(p) for p in r.get("images") or []]) for _, r in records]
+        prompts = []
+        for number, record in read_jsonl(path, (), optional=("prompt", "images")):
+            images = record.get("images", [])
+            if not isinstance(images, list):
+                raise ValueError(f"{path}:{number}: \"images\" must be a list of image paths, got {images!r}")
+            prompts.append((str(record.get("prompt", "")), [path.parent / str(image) for image in images]))
     else:
         prompts = [(line, []) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
