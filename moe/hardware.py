@@ -15,6 +15,12 @@ from collections.abc import Callable
 import torch
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the matmuls of this project run in on a device today: bf16 (autocast) on CUDA,
+    fp32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -41,13 +47,14 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, ite
     return {name: statistic(s) for name, s in samples.items()}
 
 
-def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters: int = 5) -> float:
-    """Measured matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the roofline the others are read against.
-    The fastest of `iters` calls: a peak is what the machine can do, and one quiet call shows it
-    where a neighbour slows the others."""
+def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters: int = 5,
+                dtype: torch.dtype | None = None) -> float:
+    """Measured matmul FLOP/s in `dtype` (default: the device's compute dtype): the roofline the
+    others are read against. The fastest of `iters` calls: a peak is what the machine can do, and
+    one quiet call shows it where a neighbour slows the others."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 2048)  # large enough to reach the peak on each
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = dtype or compute_dtype(dev)
     generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
     a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
@@ -65,10 +72,17 @@ def memory_bandwidth(device: torch.device | str = "cpu", mib: int = 256, iters: 
     return 2 * src.nbytes / seconds
 
 
-def machine(device: torch.device | str = "cpu") -> dict:
-    """The roofline of this machine: peak matmul FLOP/s and memory bandwidth, and their ratio."""
+def machine(device: torch.device | str = "cpu", dtypes: tuple[torch.dtype, ...] = ()) -> dict:
+    """The roofline of this machine: peak matmul FLOP/s in the compute dtype and memory bandwidth,
+    and their ratio; with `dtypes`, the matmul peak in each of them too (`matmul_flops_by_dtype`)."""
     dev = torch.device(device)
-    flops, bandwidth = matmul_peak(dev), memory_bandwidth(dev)
+    compute = compute_dtype(dev)
+    by_dtype = {dtype_name(d): matmul_peak(dev, dtype=d) for d in dict.fromkeys((compute, *dtypes))}
+    flops, bandwidth = by_dtype[dtype_name(compute)], memory_bandwidth(dev)
     return {"benchmark": "machine", "device": str(dev), "threads": torch.get_num_threads(),
-            "dtype": "bfloat16" if dev.type == "cuda" else "float32",
-            "matmul_flops": flops, "bandwidth": bandwidth, "ridge_flops_per_byte": flops / bandwidth}
+            "dtype": dtype_name(compute), "matmul_flops": flops, "matmul_flops_by_dtype": by_dtype,
+            "bandwidth": bandwidth, "ridge_flops_per_byte": flops / bandwidth}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

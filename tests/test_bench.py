@@ -165,6 +165,9 @@ def test_bench_commands_write_json(tmp_path):
         assert proc.returncode == 0, proc.stderr
         result = json.loads(out.read_text())
         assert result["benchmark"] == args[0]
+        if args[0] == "machine":  # both precisions' peaks, the compute dtype's as the roofline
+            assert set(result["matmul_flops_by_dtype"]) == {"float32", "bfloat16"}
+            assert result["matmul_flops"] == result["matmul_flops_by_dtype"][result["dtype"]] > 0
     assert result["params"]["total"] == costmodel.param_counts(load_config("gpt4").model).total
     assert result["decode"]["bound"] == "memory" and result["training"]["flops"] > 2e25
 

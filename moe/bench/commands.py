@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = lambda name, text: sub.add_parser(name, help=text, description=text)  # noqa: E731
 
-    p = add("machine", "peak matmul FLOP/s (fp32 on CPU, bf16 on CUDA) and memory bandwidth (a large copy)")
+    p = add("machine", "peak matmul FLOP/s in fp32 and bf16 and memory bandwidth (a large copy); "
+                       "the others read their results against the compute dtype's (fp32 on CPU, bf16 on CUDA)")
     commands = {"machine": p}
 
     p = add("decode", "prefill and decode tokens/s, latency, MFU and MBU across batch sizes and prompt lengths")
@@ -152,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
 # ---- commands -----------------------------------------------------------------------------------
 
 def machine(args, cfg: ModelConfig) -> dict:
-    result = hardware.machine(args.device)
-    print(f"{result['device']} ({result['threads']} threads, {result['dtype']}): matmul "
+    result = hardware.machine(args.device, dtypes=(torch.float32, torch.bfloat16))
+    print(f"{result['device']} ({result['threads']} threads, computing in {result['dtype']}): matmul "
           f"{result['matmul_flops'] / 1e9:,.0f} GFLOP/s, memory {result['bandwidth'] / 1e9:,.1f} GB/s, "
           f"ridge {result['ridge_flops_per_byte']:.1f} FLOP/byte (below it a kernel is bandwidth-bound)")
+    peaks = result["matmul_flops_by_dtype"]
+    print("matmul peak by dtype: " + ", ".join(f"{name} {flops / 1e9:,.0f} GFLOP/s" for name, flops in peaks.items())
+          + f" (bfloat16 / float32: {peaks['bfloat16'] / peaks['float32']:.1f}x)")
     return result
 
 
