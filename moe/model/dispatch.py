@@ -55,10 +55,10 @@ class LocalDispatcher(Dispatcher):
         self.capacity_factor = capacity_factor  # None: dropless
 
     def __call__(self, x_TD: Tensor, routing: Routing, experts: Experts) -> tuple[Tensor, RouterStats]:
-        T, (n_experts, top_k) = x_TD.shape[0], (routing.probs_TE.shape[-1], routing.experts_TK.shape[-1])
+        T, n_experts = x_TD.shape[0], routing.probs_TE.shape[-1]
         capacity = None
         if self.capacity_factor is not None:
-            capacity = expert_capacity(T, top_k, n_experts, self.capacity_factor)
+            capacity = expert_capacity(T, routing.experts_TK.shape[-1], n_experts, self.capacity_factor)
         plan = plan_dispatch(routing.experts_TK, n_experts, capacity)
         if experts.impl == "loop" and self.holds_all_experts:
             y_TD = moe_reference(x_TD, routing, experts, capacity)

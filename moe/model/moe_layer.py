@@ -36,9 +36,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.expert_impl, cfg.init_std)
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        self.capacity_factor = cfg.capacity_factor if cfg.dispatch == "capacity" else None
         self.jitter = cfg.router_jitter
-        self.dispatcher: Dispatcher = LocalDispatcher(self.capacity_factor)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.capacity_factor if cfg.dispatch == "capacity" else None)
 
     def router_logits(self, x_TD: Tensor) -> Tensor:
         if self.training and self.jitter > 0:

@@ -116,7 +116,7 @@ def shard_experts(model: nn.Module, world: World) -> None:
             for name in ("w1", "w3", "w2"):
                 full = getattr(module.experts, name)
                 setattr(module.experts, name, nn.Parameter(full.detach()[mine].clone(), full.requires_grad))
-            module.dispatcher = AllToAllDispatcher(world.ep_group, module.capacity_factor)
+            module.dispatcher = AllToAllDispatcher(world.ep_group, module.dispatcher.capacity_factor)
 
 
 def wrap(model: nn.Module, world: World, parallel: str, device: torch.device) -> nn.Module:
