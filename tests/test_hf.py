@@ -2,7 +2,6 @@
 own MixtralForCausalLM, identical greedy generation, exact round trips, clear refusals."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from moe import MoETransformer, load_config
 from moe import checkpoint as ckpt
 from moe.config import Config
+from moe.files import current_umask
 from moe.hf import export, import_
 from moe.infer.prompts import prompt_with_images
 from moe.infer.sampling import SamplingParams, generate
@@ -87,9 +87,7 @@ def test_import_of_export_is_bit_identical_and_the_tokenizer_loads(tmp_path, tok
     assert auto.encode(TEXT[1]) == [0, *tokenizer.encode(TEXT[1]).ids]  # <|endoftext|> first, as generate.py does
     assert auto.decode(auto.encode(TEXT[0]), skip_special_tokens=True) == TEXT[0]
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {p.stat().st_mode & 0o777 for p in hf.iterdir()} == {0o666 & ~umask}  # the weights too
+    assert {p.stat().st_mode & 0o777 for p in hf.iterdir()} == {0o666 & ~current_umask()}  # the weights too
 
 
 def test_transformers_tokenizer_and_generate_answer_as_generate_py_does(tmp_path):

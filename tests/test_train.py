@@ -16,6 +16,7 @@ from moe import checkpoint as ckpt
 from moe.config import TrainConfig, load_config
 from moe.data import corpus as data_module
 from moe.data.corpus import InstructData, prepare_data
+from moe.files import current_umask
 from moe.tokenizer import ASSISTANT, EOT, USER
 from moe.train.launch import launch
 from moe.train.stopping import StopSignals
@@ -177,11 +178,9 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(cache_dir, t
 def test_checkpoint_files_get_the_mode_every_other_file_gets(cache_dir, tmp_path):
     cfg = tiny_config(cache_dir, "train.max_steps=1")
     Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
-    umask = os.umask(0)
-    os.umask(umask)
     folder = ckpt.list_checkpoints(tmp_path / "run")[-1]
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == \
-        {name: 0o666 & ~umask for name in (*ckpt.FILES, "manifest.json")}
+        {name: 0o666 & ~current_umask() for name in (*ckpt.FILES, "manifest.json")}
 
 
 def test_only_the_last_n_checkpoints_are_kept(cache_dir, tmp_path):

@@ -21,7 +21,11 @@ from ..config import ModelConfig
 from ..hardware import median_times, sync
 from ..infer.engine import Engine, Request
 from ..infer.sampling import SamplingParams, generate, generate_uncached
-from ..infer.speculative import LockstepStats, speculative_greedy_batch
+from ..infer.speculative import (
+    LockstepStats,
+    lockstep_capacity,
+    speculative_greedy_batch,
+)
 from ..model import MoE, MoETransformer, SwiGLU
 from ..model.kv_cache import KVCache
 
@@ -294,7 +298,7 @@ def speculative_batch(target, draft, prompts_BT: torch.Tensor, new_tokens: int, 
     examined (up to and including a row's first rejection), the share it accepted.
     """
     device = next(target.parameters()).device
-    capacity = prompts_BT.shape[1] + new_tokens + 2 * (k + 1)
+    capacity = lockstep_capacity(prompts_BT.shape[1], new_tokens, k)
     stats = LockstepStats()
     tokens = speculative_greedy_batch(target, draft, prompts_BT, new_tokens, k, stats)  # checks the context
     plain = greedy_decode(target, prompts_BT.to(device), new_tokens, capacity)  # the baseline

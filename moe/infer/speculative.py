@@ -137,6 +137,12 @@ class LockstepStats:
         return self.accepted / self.examined if self.examined else 0.0
 
 
+def lockstep_capacity(prompt_len: int, new_tokens: int, k: int) -> int:
+    """Cache positions a row of `speculative_greedy_batch` may reach: its prompt, its tokens, and a
+    round of k + 1 past them while slower rows finish (its own and the draft-only feed)."""
+    return prompt_len + new_tokens + 2 * (k + 1)
+
+
 @torch.no_grad()
 def speculative_greedy_batch(target, draft, prompts_BT: torch.Tensor, new_tokens: int, k: int,
                              stats: LockstepStats | None = None) -> list[list[int]]:
@@ -153,7 +159,7 @@ def speculative_greedy_batch(target, draft, prompts_BT: torch.Tensor, new_tokens
     stats = stats if stats is not None else LockstepStats()
     device = next(target.parameters()).device
     B, P = prompts_BT.shape
-    capacity = P + new_tokens + 2 * (k + 1)
+    capacity = lockstep_capacity(P, new_tokens, k)
     for model in (target, draft):
         if capacity > model.cfg.max_seq_len:
             raise ValueError(f"prompt {P} + {new_tokens} new tokens + 2(k + 1) exceed model.max_seq_len="

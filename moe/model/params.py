@@ -8,6 +8,7 @@ initialisation or its learning rate somewhere else.
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import StrEnum
 from typing import NamedTuple
@@ -66,6 +67,7 @@ RULES = (
 )
 
 
+@functools.cache  # asked per parameter per step under expert parallelism (gradient sync)
 def param_rule(name: str) -> Rule:
     """The one rule a parameter name matches (a name inside DDP's or torch.compile's wrapper is
     read without the wrapper's prefix)."""

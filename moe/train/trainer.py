@@ -236,7 +236,7 @@ class Trainer:
         held = self.step < cfg.encoder_hold_steps
         for p in self.encoder_params:
             p.requires_grad_(not held)
-        totals = {"loss": 0.0, "ce_loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
+        totals = dict.fromkeys(Meter.LOSSES, 0.0)
         expert_tokens, dropped, n_images = None, None, 0
         for first in range(0, mine, cfg.micro_batch_size):
             n = min(cfg.micro_batch_size, mine - first)
