@@ -168,6 +168,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # The matmuls' dtype. bf16: autocast, with fp32 weights, gradients and AdamW state, and the
+    # router, norms, softmaxes and losses in fp32. auto: bf16 where the device multiplies it faster
+    # than fp32 (CUDA sm80+; CPUs with avx512_bf16 or AMX, found by a probe), else fp32.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # A step whose loss or gradient is not finite is skipped (counted, logged); this many in a row
     # roll the weights and optimizer back to the last good checkpoint, and training goes on
     # past the data that broke them.

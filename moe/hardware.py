@@ -1,5 +1,5 @@
-"""The machine's roofline, measured: peak matmul FLOP/s and memory bandwidth, and the timer
-every benchmark uses.
+"""The machine's roofline, measured: peak matmul FLOP/s and memory bandwidth, the precision the
+matmuls run in, and the timer every benchmark uses.
 
 Timings are medians over many iterations, and the things compared take turns call by call,
 so that a slow patch of the machine (frequency, a neighbour) hits all of them alike instead
@@ -8,17 +8,69 @@ of skewing one.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FAST_BF16 = 1.3  # `auto` takes bf16 where its matmuls are at least this many times faster than fp32's
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype the matmuls run in: `fp32`, `bf16`, or `auto`, which is bf16 where the device
+    multiplies bf16 faster than fp32 (CUDA sm80+; a CPU with avx512_bf16 or AMX, as a probe
+    finds) and fp32 elsewhere. The weights, the optimizer and the norms stay fp32 either way."""
+    dev = torch.device(device)
+    if precision == "auto":
+        return torch.bfloat16 if fast_bf16(dev) else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected auto, {' or '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype == torch.bfloat16 and not has_bf16(dev):
+        raise ValueError(f"precision bf16: {describe(dev)} has no bf16 matmuls (CUDA needs sm80+); use fp32")
+    return dtype
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run at all: on every CPU (emulated where the hardware lacks them), on
+    CUDA from sm80 (Ampere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu"
+
+
+@functools.cache
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32's here. CUDA: sm80+. A CPU: a probe (~0.1 s), as its name
+    says nothing reliable and PyTorch emulates bf16 (slowly) on CPUs without the instructions."""
+    if device.type != "cpu":
+        return has_bf16(device)
+    peaks = {dtype: matmul_peak(device, n=768, iters=4, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return peaks[torch.bfloat16] >= FAST_BF16 * peaks[torch.float32]
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+    return str(device)
+
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the matmuls of this project run in on a device today: bf16 (autocast) on CUDA,
-    fp32 on a CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The dtype training's matmuls run in by default (`auto`) on a device."""
+    return resolve_precision("auto", device)
+
+
+def inference_dtype(precision: str | None, device: torch.device | str) -> torch.dtype:
+    """The dtype inference stores its weights and KV cache in: `fp32`, `bf16`, or by default bf16 on
+    CUDA sm80+ and fp32 on a CPU, where decoding (matrix-vector products, bandwidth-bound) measured
+    no faster in bf16 (docs/benchmarks.md)."""
+    dev = torch.device(device)
+    if precision is None:
+        return torch.bfloat16 if dev.type == "cuda" and has_bf16(dev) else torch.float32
+    return resolve_precision(precision, dev)
 
 
 def sync(device: torch.device) -> None:
@@ -72,11 +124,13 @@ def memory_bandwidth(device: torch.device | str = "cpu", mib: int = 256, iters: 
     return 2 * src.nbytes / seconds
 
 
-def machine(device: torch.device | str = "cpu", dtypes: tuple[torch.dtype, ...] = ()) -> dict:
-    """The roofline of this machine: peak matmul FLOP/s in the compute dtype and memory bandwidth,
-    and their ratio; with `dtypes`, the matmul peak in each of them too (`matmul_flops_by_dtype`)."""
+def machine(device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+            dtypes: tuple[torch.dtype, ...] = ()) -> dict:
+    """The roofline of this machine in `dtype` (default: the device's `auto` precision): peak
+    matmul FLOP/s and memory bandwidth, and their ratio; with `dtypes`, the matmul peak in each of
+    them too (`matmul_flops_by_dtype`)."""
     dev = torch.device(device)
-    compute = compute_dtype(dev)
+    compute = dtype or compute_dtype(dev)
     by_dtype = {dtype_name(d): matmul_peak(dev, dtype=d) for d in dict.fromkeys((compute, *dtypes))}
     flops, bandwidth = by_dtype[dtype_name(compute)], memory_bandwidth(dev)
     return {"benchmark": "machine", "device": str(dev), "threads": torch.get_num_threads(),

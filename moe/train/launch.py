@@ -43,6 +43,7 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
         say(describe(config.model) + layout)
         options = RunOptions(out, device, resume_from, init_folder, compile, peak_flops, quiet, world)
         trainer = Trainer(config, options)
+        say(f"precision: {trainer.precision} (train.precision={config.train.precision})")
         if resume_from and trainer.step >= config.train.max_steps:
             say(f"{out} is finished: step {trainer.step} of train.max_steps={config.train.max_steps}; nothing to do "
                 f"(pass a larger --train.max_steps to train on)")
@@ -58,8 +59,8 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
             say(f"{summary['skipped_steps']} steps skipped for a non-finite loss or gradient, "
                 f"{summary['rollbacks']} rollbacks to a checkpoint")
         if summary["tokens_per_s"]:
-            say(f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of "
-                f"{summary['peak_flops'] / 1e9:,.0f} GFLOP/s; checkpoints and metrics.jsonl in {out}")
+            say(f"{summary['tokens_per_s']:,.0f} tokens/s in {summary['precision']}, MFU {summary['mfu']:.1%} of "
+                f"its peak of {summary['peak_flops'] / 1e9:,.0f} GFLOP/s; checkpoints and metrics.jsonl in {out}")
         return summary
     finally:
         distributed.close()

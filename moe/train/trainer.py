@@ -1,15 +1,14 @@
 """The training loop, the same on CPU and CUDA.
 
 AdamW with warmup + cosine, gradient clipping and accumulation, a batch size that ramps up
-with the tokens seen, bf16 autocast on CUDA (fp32 on CPU), periodic evaluation and atomic
-checkpoints. Every quantity that decides a step (learning rate, batch size, which sequences)
+with the tokens seen, bf16 autocast where the device multiplies bf16 faster (`train.precision`),
+periodic evaluation and atomic checkpoints. Every quantity that decides a step (learning rate, batch size, which sequences)
 is a function of the step and counters stored in the checkpoint, and the data is sampled
 statelessly, so a resumed run continues bit for bit where the killed one stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -26,7 +25,7 @@ from ..cli import Interrupted
 from ..config import Config, ConfigError, TrainConfig
 from ..data.captions import CaptionData
 from ..data.corpus import prepare_data
-from ..hardware import matmul_peak
+from ..hardware import matmul_peak, resolve_precision
 from ..infer.sampling import SamplingParams, generate
 from ..model import MoETransformer
 from ..model.params import Kind, is_vision, param_kind
@@ -75,6 +74,12 @@ class Trainer:
         self.config, self.options = config, options
         self.cfg, mcfg = config.train, config.model
         self.device = options.device
+        try:
+            self.dtype = resolve_precision(self.cfg.precision, self.device)  # before any slow stage
+        except ValueError as e:
+            raise ConfigError(f"train.{e}") from None
+        if distributed.any_rank(self.dtype == torch.float32, options.world):  # `auto` probed each rank alike?
+            self.dtype = torch.float32  # every rank must compute alike: fp32 unless all found bf16 fast
         self.out = Path(options.out)
         self.out.mkdir(parents=True, exist_ok=True)
         source = options.resume_from or options.init_from
@@ -120,7 +125,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(self.seq_len, training=True, vision=bool(config.data.images))
         self.flops_per_image = self.model.flops_per_image(training=True)
         self.flops_per_held_image = self.model.flops_per_image(training=False)  # no backward through the encoder
-        self.peak_flops = options.peak_flops or matmul_peak(self.device)
+        self.peak_flops = options.peak_flops or matmul_peak(self.device, dtype=self.dtype)  # the precision's own
         self.peak_flops *= world.size  # the roofline of all the ranks together
         self.metrics_file = open(self.out / "metrics.jsonl", "a") if world.is_main else None
 
@@ -140,10 +145,14 @@ class Trainer:
         return distributed.make_optimizer(param_groups, self.world, self.cfg.parallel, lr=self.cfg.lr,
                                           betas=(self.cfg.beta1, self.cfg.beta2))
 
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self) -> torch.autocast:
+        """bf16 matmuls over fp32 weights; what must stay fp32 says so itself (the router, the norms,
+        the loss), and autocast keeps softmaxes and reductions in fp32 (on CPU as on CUDA)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -182,7 +191,7 @@ class Trainer:
                    "wall_s": time.perf_counter() - started, **evaluation,
                    "tokens_per_s": whole.tokens_per_s, "mfu": self.mfu(whole),
                    "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
-                   "peak_flops": self.peak_flops, "run_dir": str(self.out)}
+                   "precision": self.precision, "peak_flops": self.peak_flops, "run_dir": str(self.out)}
         self.write(summary)
         return summary
 
@@ -203,14 +212,14 @@ class Trainer:
             return None
         achieved = meter.flops / meter.seconds
         if achieved > self.peak_flops:
-            self.peak_flops = max(matmul_peak(self.device) * self.world.size, achieved)
+            self.peak_flops = max(matmul_peak(self.device, dtype=self.dtype) * self.world.size, achieved)
         return achieved / self.peak_flops
 
     def log(self, record: dict, interval: Meter, bar: tqdm) -> None:
         log = {"type": "train", "step": self.step, **interval.mean_losses(),
                **{k: record[k] for k in ("lr", "batch_size", "skipped_steps", "rollbacks")},
                "tokens_seen": self.tokens_seen, "tokens_per_s": interval.tokens_per_s,
-               "mfu": self.mfu(interval), "peak_flops": self.peak_flops,
+               "mfu": self.mfu(interval), "precision": self.precision, "peak_flops": self.peak_flops,
                **expert_load(interval.expert_tokens, record["dropped"])}
         self.write(log)
         bar.set_postfix(loss=f"{log['loss']:.3f}", tok_s=f"{log['tokens_per_s']:.0f}", mfu=f"{log['mfu']:.0%}",
