@@ -53,10 +53,19 @@ class Attention(nn.Module):
         v = rearrange(self.wv(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        mask = None
+        if kv is not None:
             k, v = kv.write_and_read(self.layer, k, v)  # (B, G, span, Dh): the prefix so far
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.mask_B1TX,
-                                               enable_gqa=gqa)
-        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+            mask = kv.mask_B1TX
+        dtype = core_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):  # the dtype is chosen here, not by autocast
+            y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=gqa)
+        return self.wo(rearrange(y.to(q.dtype), "b h t d -> b t (h d)"))
+
+
+def core_dtype(q: Tensor) -> torch.dtype:
+    """The dtype softmax(q k^T) v runs in: q's, except bf16 on a CPU, whose flash-attention kernel
+    runs its backward pass slower in bf16 than in fp32 (26 vs 17 ms at the `small` shape): there
+    the few attention FLOPs are not worth it, and the projections around them stay bf16."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype == torch.bfloat16 else q.dtype

@@ -49,35 +49,33 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=init_std)
 
     def forward(self, x_AD: Tensor, gates_A: Tensor, counts_E: Tensor) -> Tensor:
-        """`gate * expert(x)` for each row; rows are grouped by expert, `counts_E[e]` for expert e."""
-        w1, w3, w2 = self.w1, self.w3, self.w2
+        """`gate * expert(x)` for each row; rows are grouped by expert, `counts_E[e]` for expert e.
+        Under autocast the matmuls run in its dtype, over the fp32 weights."""
         dtype = x_AD.dtype
         if torch.is_autocast_enabled(x_AD.device.type):
             dtype = torch.get_autocast_dtype(x_AD.device.type)
-            x_AD, w1, w3, w2 = (t.to(dtype) for t in (x_AD, w1, w3, w2))
-        gates_A = gates_A.to(dtype)
+        x_AD, gates_A = x_AD.to(dtype), gates_A.to(dtype)
         if self.resolved_impl(x_AD) == "grouped_mm":
+            w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))  # one kernel takes them all
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF = F.silu(_grouped_mm(x_AD, w1, offs=offs_E)) * _grouped_mm(x_AD, w3, offs=offs_E)
             return _grouped_mm(h_AF, w2, offs=offs_E) * gates_A[:, None]
-        return _SplitSwiGLU.apply(x_AD, gates_A, w1, w3, w2, counts_E.tolist())
+        return _SplitSwiGLU.apply(x_AD, gates_A, self.w1, self.w3, self.w2, counts_E.tolist())
 
     def expert(self, e: int, x_TD: Tensor) -> Tensor:
         """Expert e alone on a few rows: `w2(silu(w1 x) * w3 x)` (the reference and decode use it)."""
         return (F.silu(x_TD @ self.w1[e]) * (x_TD @ self.w3[e])) @ self.w2[e]
 
     def resolved_impl(self, x: Tensor) -> str:
-        """`auto`: grouped_mm for bf16 on CUDA sm80+ (one kernel, no host sync), else split.
-
-        On a CPU `grouped_mm` is a loop of matmuls too, and the fused split loop beats it.
+        """`auto`: grouped_mm for bf16 (CUDA sm80+: one kernel, no host sync; a CPU: measured 8 %
+        faster than split at the `small` shape), else split (fp32 on a CPU: the two are level, and
+        split needs no grouped_mm in PyTorch).
         """
         if self.impl == "grouped_mm" and _grouped_mm is None:
             raise ValueError(f"expert_impl='grouped_mm': this PyTorch ({torch.__version__}) has no grouped_mm")
         if self.impl != "auto":
             return self.impl
-        on_ampere = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8
-        bf16_kernel = on_ampere and x.dtype == torch.bfloat16 and _grouped_mm is not None
-        return "grouped_mm" if bf16_kernel else "split"
+        return "grouped_mm" if x.dtype == torch.bfloat16 and _grouped_mm is not None else "split"
 
 
 class _SplitSwiGLU(torch.autograd.Function):
@@ -87,6 +85,11 @@ class _SplitSwiGLU(torch.autograd.Function):
     rows are hot in cache, and every result lands in a preallocated output: no `cat`, no
     per-expert zero gradients of the stacked weights, no extra passes over all rows for the
     gates. On a CPU this is 5-10 % faster than plain autograd over `split` slices.
+
+    The matmuls run in the rows' dtype. With bf16 rows and fp32 weights, each expert's weights
+    are cast as it comes up (while they are hot, not all E up front in one more pass over the
+    stack) and kept for the backward pass, and its weight gradients, made in bf16, land in fp32
+    ones (no pass over the whole stack to cast them either).
     """
 
     @staticmethod
@@ -96,14 +99,17 @@ class _SplitSwiGLU(torch.autograd.Function):
         h3_AF = torch.empty_like(h1_AF)
         out_AD = torch.empty_like(x_AD)  # expert outputs before gating, kept for the gate gradient
         y_AD = torch.empty_like(x_AD)
+        cast = {}  # expert -> its weights in the rows' dtype, for the backward pass (when they differ)
         for e, rows in _expert_rows(counts):
-            x = x_AD[rows]
-            torch.mm(x, w1[e], out=h1_AF[rows])
-            torch.mm(x, w3[e], out=h3_AF[rows])
-            torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2[e], out=out_AD[rows])
+            x, (w1e, w3e, w2e) = x_AD[rows], _cast(x_AD.dtype, w1[e], w3[e], w2[e])
+            if w1e.dtype != w1.dtype:
+                cast[e] = w1e, w3e, w2e
+            torch.mm(x, w1e, out=h1_AF[rows])
+            torch.mm(x, w3e, out=h3_AF[rows])
+            torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2e, out=out_AD[rows])
             torch.mul(out_AD[rows], gates_A[rows, None], out=y_AD[rows])
         ctx.save_for_backward(x_AD, gates_A, w1, w3, w2, h1_AF, h3_AF, out_AD)
-        ctx.counts = counts
+        ctx.counts, ctx.cast = counts, cast
         return y_AD
 
     @staticmethod
@@ -115,20 +121,34 @@ class _SplitSwiGLU(torch.autograd.Function):
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
         for dw in (dw1, dw3, dw2):  # zero only what no row writes: E x D x F zeros cost ~6 %
             dw[idle] = 0
+        dy_AD = dy_AD.to(x_AD.dtype)
         for e, rows in _expert_rows(ctx.counts):
             x, h1, h3 = x_AD[rows], h1_AF[rows], h3_AF[rows]
+            w1e, w3e, w2e = ctx.cast.get(e) or (w1[e], w3[e], w2[e])
             torch.linalg.vecdot(dy_AD[rows], out_AD[rows], out=d_gates_A[rows])
             d_out = dy_AD[rows] * gates_A[rows, None]
             act1 = F.silu(h1)  # recomputed: cheaper than keeping another A x F tensor
-            torch.mm((act1 * h3).t(), d_out, out=dw2[e])
-            d_hidden = d_out @ w2[e].t()
+            _mm_into(dw2[e], (act1 * h3).t(), d_out)
+            d_hidden = d_out @ w2e.t()
             dh3 = d_hidden * act1
             dh1 = torch.ops.aten.silu_backward(d_hidden * h3, h1)
-            torch.mm(x.t(), dh1, out=dw1[e])
-            torch.mm(x.t(), dh3, out=dw3[e])
-            torch.mm(dh1, w1[e].t(), out=dx_AD[rows])
-            dx_AD[rows].addmm_(dh3, w3[e].t())
+            _mm_into(dw1[e], x.t(), dh1)
+            _mm_into(dw3[e], x.t(), dh3)
+            torch.mm(dh1, w1e.t(), out=dx_AD[rows])
+            dx_AD[rows].addmm_(dh3, w3e.t())
         return dx_AD, d_gates_A, dw1, dw3, dw2, None
+
+
+def _cast(dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
+    return tuple(w.to(dtype) for w in weights)
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """`out = a @ b`, written in place even where `out` is fp32 and the matmul bf16."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _expert_rows(counts: list[int]):
