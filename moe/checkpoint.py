@@ -154,17 +154,19 @@ def load_checkpoint_tokenizer(folder: Path) -> Tokenizer:
     return load_tokenizer(folder / "tokenizer.json")
 
 
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
-    """(model in eval mode, tokenizer) from a checkpoint folder or a run directory, for inference."""
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a checkpoint folder or a run directory, for inference, its
+    weights in `dtype` (the router and the norms still compute in fp32)."""
     folder = resolve_checkpoint(path)
     model = MoETransformer(load_config_from(folder).model)
     load_weights(folder, model)
-    return model.to(device).eval(), load_checkpoint_tokenizer(folder)
+    return model.to(device, dtype).eval(), load_checkpoint_tokenizer(folder)
 
 
-def load_draft_for_inference(path: str | Path, tokenizer: Tokenizer, device: torch.device | str = "cpu"):
+def load_draft_for_inference(path: str | Path, tokenizer: Tokenizer, device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32):
     """A draft model for speculative decoding: refused unless it shares the target's tokenizer."""
-    draft, draft_tokenizer = load_for_inference(path, device)
+    draft, draft_tokenizer = load_for_inference(path, device, dtype)
     if draft_tokenizer.to_str() != tokenizer.to_str():
         raise CheckpointError(f"{path}: its tokenizer differs from the target's (a draft must share it)")
     return draft

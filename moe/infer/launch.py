@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..checkpoint import load_draft_for_inference, load_for_inference
+from ..hardware import inference_dtype
 from ..tokenizer import EOT
 from .engine import Engine
 from .prompts import TextStream, prompt_with_images, read_prompt_file
@@ -17,7 +18,8 @@ from .speculative import SpeculativeStats, speculative_generate
 
 def launch(args: argparse.Namespace) -> None:
     """Print the generated text, then a one-line report (requests, tokens, tokens/s) on stderr."""
-    model, tokenizer = load_for_inference(args.checkpoint, args.device)
+    dtype = inference_dtype(args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, dtype)
     eot = tokenizer.token_to_id(EOT)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
     started = time.perf_counter()
@@ -31,7 +33,7 @@ def launch(args: argparse.Namespace) -> None:
         prompt, images = prompt_with_images(tokenizer, args.prompt, args.image, model.cfg.vision)
         stats = SpeculativeStats()
         if args.draft_checkpoint:
-            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
+            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, dtype)
             tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
         else:
             decode_step = compile_decode_step(model) if args.compile else None

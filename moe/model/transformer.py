@@ -142,6 +142,8 @@ class MoETransformer(nn.Module):
 
         # <|image|> tokens per row in this forward: what the cache stores and counts for each row
         new_images_B = None if self.vision is None else (tokens == IMAGE_ID).sum(dim=1)
+        if images is not None:  # pixels in [0, 1], as the weights hold them (fp32, or bf16 for inference)
+            images = images.to(self.tok_emb.weight.dtype)
         media = self._media(tokens, images, cache, rows, new_images_B)
         x_BTD = self.tok_emb(tokens)
         moe_outputs: list[MoEOutput] = []
