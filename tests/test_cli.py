@@ -17,10 +17,10 @@ def run(*args):
 def test_bench_moe_layer_writes_json_with_the_ratio_to_floor(tmp_path):
     out = tmp_path / "layer.json"
     proc = run("bench.py", "moe-layer", "--config", "tiny", "--tokens", "128", "--iters", "1",
-               "--impls", "auto,loop", "--json", str(out))
+               "--impls", "auto,loop", "--precision", "fp32", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["ratio_to_floor"] > 0 and result["impl"] == "split"
+    assert result["ratio_to_floor"]["fp32"] > 0 and result["impl"] == {"fp32": "split"}
     assert [r["name"] for r in result["rows"]] == ["moe[auto]", "moe[loop]", "floor"]
     assert "ratio_to_floor" in proc.stdout
 

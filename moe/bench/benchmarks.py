@@ -18,7 +18,8 @@ import torch
 
 from .. import costmodel
 from ..config import ModelConfig
-from ..hardware import median_times, sync
+from ..hardware import dtype_name, matmul_peak, median_times, resolve_precision, sync
+from ..hf import to_hf_config, transformers_module
 from ..infer.engine import Engine, Request
 from ..infer.sampling import SamplingParams, generate, generate_uncached
 from ..infer.speculative import (
@@ -31,15 +32,17 @@ from ..model.kv_cache import KVCache
 
 
 def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: torch.device | str = "cpu",
-              impls: tuple[str, ...] = ("auto", "grouped_mm", "loop"), seed: int = 0) -> dict:
-    """One MoE layer, forward + backward, against its compute floor.
+              impls: tuple[str, ...] = ("auto", "grouped_mm", "loop"), seed: int = 0,
+              precisions: tuple[str, ...] = ("auto",)) -> dict:
+    """One MoE layer, forward + backward, against its compute floor, in each precision.
 
     The floor is the same matmul work at dense efficiency: top-k routing sends k * T token
     rows through experts of hidden size F, exactly the FLOPs of k * T tokens through one dense
-    SwiGLU FFN of hidden size F. The ratio is what routing, sorting, gathering, scattering and
-    the smaller per-expert matmuls cost on top.
+    SwiGLU FFN of hidden size F, in the same precision. The ratio is what routing, sorting,
+    gathering, scattering and the smaller per-expert matmuls cost on top.
     """
     dev = torch.device(device)
+    dtypes = {p: resolve_precision(p, dev) for p in precisions}  # bad input fails before any work
     torch.manual_seed(seed)
     layer = MoE(cfg).to(dev)
     dense = SwiGLU(cfg.d_model, cfg.d_ff).to(dev)
@@ -54,72 +57,118 @@ def moe_layer(cfg: ModelConfig, n_tokens: int = 2048, iters: int = 30, device: t
         for t in [x, x_dense, *layer.parameters(), *dense.parameters()]:
             t.grad = None
 
-    def run_moe(impl: str) -> Callable[[], None]:
+    def run_moe(impl: str, dtype: torch.dtype) -> Callable[[], None]:
         def step() -> None:
             layer.experts.impl = impl
-            layer(x).y.backward(grad_y)
+            with autocast(dev, dtype):
+                y = layer(x).y
+            y.backward(grad_y)
             clear_grads()
         return step
 
-    def run_floor() -> None:
-        dense(x_dense).backward(grad_dense)
-        clear_grads()
+    def run_floor(dtype: torch.dtype) -> Callable[[], None]:
+        def step() -> None:
+            with autocast(dev, dtype):
+                y = dense(x_dense)
+            y.backward(grad_dense)
+            clear_grads()
+        return step
 
-    fns = {f"moe[{impl}]": run_moe(impl) for impl in impls}
-    fns["floor"] = run_floor
+    fns = {}
+    for precision, dtype in dtypes.items():
+        fns.update({(precision, impl): run_moe(impl, dtype) for impl in impls})
+        fns[(precision, "floor")] = run_floor(dtype)
     times = median_times(fns, dev, iters)
-    layer.experts.impl = impls[0]
-    resolved = layer.experts.resolved_impl(x)
     expert_flops = costmodel.expert_flops(cfg, n_tokens, training=True)
-    rows = [
-        {"name": name, "ms": t * 1e3, "gflops": expert_flops / t / 1e9, "ratio_to_floor": t / times["floor"]}
-        for name, t in times.items()
-    ]
+    rows, ratios = [], {}
+    for (precision, name), t in times.items():
+        floor = times[(precision, "floor")]
+        rows.append({"precision": precision, "dtype": dtype_name(dtypes[precision]),
+                     "name": name if name == "floor" else f"moe[{name}]", "ms": t * 1e3,
+                     "gflops": expert_flops / t / 1e9, "ratio_to_floor": t / floor})
+        if name == impls[0]:
+            ratios[precision] = t / floor
+    layer.experts.impl = impls[0]
     return {
         "benchmark": "moe-layer",
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "shape": {"tokens": n_tokens, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
                   "n_experts": cfg.n_experts, "top_k": cfg.top_k, "dispatch": cfg.dispatch},
-        "impl": resolved,
+        "impl": {p: layer.experts.resolved_impl(x.to(dtype)) for p, dtype in dtypes.items()},
         "expert_gflop_per_step": expert_flops / 1e9,
-        "ratio_to_floor": times[f"moe[{impls[0]}]"] / times["floor"],
+        "ratio_to_floor": ratios,
         "rows": rows,
     }
 
 
 def train_step(cfg: ModelConfig, batch_size: int = 8, seq_len: int | None = None, iters: int = 10,
-               device: torch.device | str = "cpu", seed: int = 0) -> dict:
-    """Forward + backward + AdamW step of the whole model on random tokens: tokens/s and FLOP/s."""
+               device: torch.device | str = "cpu", seed: int = 0, precisions: tuple[str, ...] = ("auto",),
+               hf: bool = False) -> dict:
+    """Forward + backward + AdamW step of the whole model on random tokens, in each precision
+    (the steps take turns): tokens/s, FLOP/s and MFU against that precision's matmul peak.
+
+    `hf`: transformers' MixtralForCausalLM of the same shape takes its turns too, under the same
+    autocast (its own fp32 loss, no auxiliary losses: it does a little less work than ours).
+    """
     dev = torch.device(device)
+    dtypes = {p: resolve_precision(p, dev) for p in precisions}
     seq_len = seq_len or cfg.max_seq_len
     torch.manual_seed(seed)
-    model = MoETransformer(cfg).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    models = {"moe": MoETransformer(cfg).to(dev)}
+    if hf:
+        models["hf"] = hf_model(cfg).to(dev)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    def step() -> None:
-        loss = model(inputs, targets).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(name: str, dtype: torch.dtype) -> Callable[[], None]:
+        model, optimizer = models[name], optimizers[name]
 
-    seconds = median_times({"step": step}, dev, iters, warmup=3)["step"]
+        def run() -> None:
+            with autocast(dev, dtype):
+                loss = model(inputs, targets).loss if name == "moe" else model(inputs, labels=inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    fns = {(name, p): step(name, dtype) for name in models for p, dtype in dtypes.items()}
+    seconds = median_times(fns, dev, iters, warmup=3)
     n_tokens = batch_size * seq_len
-    flops = model.flops_per_token(seq_len, training=True) * n_tokens
+    flops = models["moe"].flops_per_token(seq_len, training=True) * n_tokens
+    peaks = {dtype: matmul_peak(dev, dtype=dtype) for dtype in set(dtypes.values())}
+    rows = []
+    for (name, precision), t in seconds.items():
+        dtype = dtypes[precision]
+        rows.append({"model": name, "precision": precision, "dtype": dtype_name(dtype), "step_ms": t * 1e3,
+                     "tokens_per_s": n_tokens / t, "achieved_gflops": flops / t / 1e9,
+                     "peak_gflops": peaks[dtype] / 1e9, "mfu": flops / t / peaks[dtype]})
+    first = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / first
     return {
         "benchmark": "train-step",
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "params_total": model.param_counts().total,
-        "params_active": model.param_counts().active,
-        "step_ms": seconds * 1e3,
-        "tokens_per_s": n_tokens / seconds,
-        "achieved_gflops": flops / seconds / 1e9,
+        "params_total": models["moe"].param_counts().total,
+        "params_active": models["moe"].param_counts().active,
+        "rows": rows,
+        **{k: rows[0][k] for k in ("step_ms", "tokens_per_s", "achieved_gflops", "mfu")},  # the first contender
     }
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """bf16 autocast over fp32 weights, as the trainer runs it (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def hf_model(cfg: ModelConfig):
+    """transformers' MixtralForCausalLM of our shape (randomly initialised), for comparisons."""
+    hf_config = to_hf_config(cfg, eot=0, pad=0)
+    return transformers_module().MixtralForCausalLM(hf_config)
 
 
 # ---- inference ------------------------------------------------------------------------------

@@ -55,6 +55,14 @@ from .claims import claims
 from .plots import plot_decode, plot_experts, plot_speculative
 
 
+def precision_list(text: str) -> tuple[str, ...]:
+    precisions = tuple(text.split(","))
+    for precision in precisions:
+        if precision not in ("auto", *hardware.PRECISIONS):
+            raise argparse.ArgumentTypeError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
+    return precisions
+
+
 def impl_list(text: str) -> tuple[str, ...]:
     impls = tuple(text.split(","))
     known = get_args(get_type_hints(ModelConfig)["expert_impl"])
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = lambda name, text: sub.add_parser(name, help=text, description=text)  # noqa: E731
 
     p = add("machine", "peak matmul FLOP/s in fp32 and bf16 and memory bandwidth (a large copy); "
-                       "the others read their results against the compute dtype's (fp32 on CPU, bf16 on CUDA)")
+                       "the others read each result against the peak of the precision it ran in")
     commands = {"machine": p}
 
     p = add("decode", "prefill and decode tokens/s, latency, MFU and MBU across batch sizes and prompt lengths")
@@ -125,15 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first is the one reported as ratio_to_floor (default: auto,grouped_mm,loop)")
     commands["moe-layer"] = p
 
-    p = add("train-step", "forward+backward+AdamW of the whole model: tokens/s")
+    p = add("train-step", "forward+backward+AdamW of the whole model: tokens/s and MFU in each precision")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seq-len", type=positive_int, default=None, help="default: model.max_seq_len")
     p.add_argument("--iters", type=positive_int, default=10)
+    p.add_argument("--hf", action="store_true",
+                   help="also time transformers' MixtralForCausalLM of the same shape (needs the hf extra)")
     commands["train-step"] = p
 
+    for name in ("moe-layer", "train-step"):
+        commands[name].add_argument(
+            "--precision", type=precision_list, default=("auto",),
+            help="comma-separated: auto, fp32, bf16 (bf16 autocast over fp32 weights, as training runs); "
+                 "several take turns call by call, e.g. fp32,bf16 (default auto)")
     for name in ("decode", "experts", "batching"):
         commands[name].add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights)")
     commands["speculative"].add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
+    for name in ("decode", "experts", "batching", "speculative"):
+        commands[name].add_argument("--dtype", choices=list(hardware.PRECISIONS), default=None,
+                                    help="the weights' and KV cache's dtype (default: bf16 on CUDA, fp32 on a CPU)")
     for name, p in commands.items():
         add_config_args(p)
         p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -154,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def machine(args, cfg: ModelConfig) -> dict:
     result = hardware.machine(args.device, dtypes=(torch.float32, torch.bfloat16))
-    print(f"{result['device']} ({result['threads']} threads, computing in {result['dtype']}): matmul "
+    print(f"{result['device']} ({result['threads']} threads; precision auto here: {result['dtype']}): matmul "
           f"{result['matmul_flops'] / 1e9:,.0f} GFLOP/s, memory {result['bandwidth'] / 1e9:,.1f} GB/s, "
           f"ridge {result['ridge_flops_per_byte']:.1f} FLOP/byte (below it a kernel is bandwidth-bound)")
     peaks = result["matmul_flops_by_dtype"]
@@ -165,18 +183,20 @@ def machine(args, cfg: ModelConfig) -> dict:
 
 def load_model(args, cfg: ModelConfig):
     torch.manual_seed(0)
+    dtype = hardware.inference_dtype(args.dtype, args.device)
     if getattr(args, "checkpoint", None):
-        return (*load_for_inference(args.checkpoint, args.device), args.checkpoint)
-    return MoETransformer(cfg).to(args.device).eval(), None, f"random weights of {args.config}"
+        return (*load_for_inference(args.checkpoint, args.device, dtype), args.checkpoint)
+    return MoETransformer(cfg).to(args.device, dtype).eval(), None, f"random weights of {args.config}"
 
 
 def decode(args, cfg: ModelConfig) -> dict:
     model, _, where = load_model(args, cfg)
-    peaks = hardware.machine(args.device)
+    dtype = next(model.parameters()).dtype
+    peaks = hardware.machine(args.device, dtype)
     result, _ = benchmarks.decode_sweep(model, peaks, args.batch_sizes, args.prompt_lens, args.new_tokens)
-    print(f"greedy decoding, {where} ({model.param_counts().active / 1e6:.1f} M active parameters), "
-          f"{args.new_tokens} steps per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s, "
-          f"{peaks['bandwidth'] / 1e9:.1f} GB/s")
+    print(f"greedy decoding in {peaks['dtype']}, {where} ({model.param_counts().active / 1e6:.1f} M active "
+          f"parameters), {args.new_tokens} steps per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s "
+          f"({peaks['dtype']}), {peaks['bandwidth'] / 1e9:.1f} GB/s")
     print_table(result["rows"], [("prompt_len", "prompt", "d"), ("batch", "batch", "d"),
                                  ("prefill_tokens_per_s", "prefill tok/s", ",.0f"),
                                  ("decode_tokens_per_s", "decode tok/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
@@ -228,7 +248,7 @@ def batching(args, cfg: ModelConfig) -> dict:
 
 def speculative(args, cfg: ModelConfig) -> dict:
     target, tokenizer, where = load_model(args, cfg)
-    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device)
+    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, next(target.parameters()).dtype)
     data = load_validation(args.checkpoint, tokenizer)
     prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
     result = benchmarks.speculative_sweep(target, draft, prompts, args.batch_sizes, args.new_tokens, args.k)
@@ -296,32 +316,34 @@ def cost_model(args, cfg: ModelConfig) -> dict:
 
 
 def this_cpu(device) -> costmodel.Hardware:
-    measured = hardware.machine(device)
+    measured = hardware.machine(device, torch.float32)  # as inference runs on a CPU
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return costmodel.Hardware(f"this {device} (measured)", measured["matmul_flops"], measured["bandwidth"], memory, 0.0)
 
 
 def moe_layer(args, cfg: ModelConfig) -> dict:
-    result = benchmarks.moe_layer(cfg, args.tokens, args.iters, args.device, args.impls)
-    result["matmul_peak_gflops"] = hardware.matmul_peak(args.device) / 1e9
+    result = benchmarks.moe_layer(cfg, args.tokens, args.iters, args.device, args.impls, precisions=args.precision)
     shape = result["shape"]
     print(f"MoE layer fwd+bwd on {args.device} ({result['threads']} threads): {shape['tokens']} tokens, "
           f"D={shape['d_model']} F={shape['d_ff']} E={shape['n_experts']} k={shape['top_k']}, "
-          f"{result['expert_gflop_per_step']:.2f} GFLOP of expert matmuls")
-    print_table(result["rows"], [("name", "run", "s"), ("ms", "ms", ".1f"),
-                                 ("gflops", "GFLOP/s", ".1f"), ("ratio_to_floor", "x floor", ".3f")])
-    print(f"ratio_to_floor ({args.impls[0]} -> {result['impl']}): {result['ratio_to_floor']:.3f}; "
-          f"measured matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s")
+          f"{result['expert_gflop_per_step']:.2f} GFLOP of expert matmuls; the floor in the same precision")
+    print_table(result["rows"], [("precision", "precision", "s"), ("dtype", "dtype", "s"), ("name", "run", "s"),
+                                 ("ms", "ms", ".1f"), ("gflops", "GFLOP/s", ".1f"), ("ratio_to_floor", "x floor", ".3f")])
+    for precision, ratio in result["ratio_to_floor"].items():
+        print(f"ratio_to_floor, {precision} ({args.impls[0]} -> {result['impl'][precision]}): {ratio:.3f}")
     return result
 
 
 def train_step(args, cfg: ModelConfig) -> dict:
-    result = benchmarks.train_step(cfg, args.batch_size, args.seq_len, args.iters, args.device)
+    result = benchmarks.train_step(cfg, args.batch_size, args.seq_len, args.iters, args.device,
+                                   precisions=args.precision, hf=args.hf)
     print(f"train step on {args.device} ({result['threads']} threads): batch {result['batch_size']} x "
           f"{result['seq_len']}, {result['params_total'] / 1e6:.1f} M params "
-          f"({result['params_active'] / 1e6:.1f} M active)")
-    print(f"{result['step_ms']:.0f} ms/step, {result['tokens_per_s']:.0f} tokens/s, "
-          f"{result['achieved_gflops']:.1f} GFLOP/s achieved")
+          f"({result['params_active'] / 1e6:.1f} M active); the contenders take turns step by step")
+    print_table(result["rows"], [("model", "model", "s"), ("precision", "precision", "s"), ("dtype", "dtype", "s"),
+                                 ("step_ms", "ms/step", ".0f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                                 ("achieved_gflops", "GFLOP/s", ".1f"), ("peak_gflops", "its peak", ".0f"),
+                                 ("mfu", "MFU", ".1%"), ("speedup", "x first", ".2f")])
     return result
 
 
