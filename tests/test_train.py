@@ -214,21 +214,42 @@ def whole_run(cache_dir, tmp_path_factory):
     return run
 
 
-def test_kill_and_resume_is_bit_identical(cache_dir, whole_run, tmp_path):
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cli(killed, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.fixture(scope="module")
+def whole_run_bf16(cache_dir, tmp_path_factory):
+    """The same in bf16 (whatever `auto` picks on this machine)."""
+    run = tmp_path_factory.mktemp("whole_bf16") / "run"
+    subprocess.run(train_cli(run, cache_dir, "--train.precision=bf16"), check=True, capture_output=True, timeout=300)
+    return run
+
+
+def kill_and_resume(cache_dir, run, *extra):
+    """Train, SIGKILL the run at step 17 or later, resume it: its losses by step."""
+    proc = subprocess.Popen(train_cli(run, cache_dir, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and 17 not in _steps_so_far(killed):
+    while time.time() < deadline and 17 not in _steps_so_far(run):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 17 in _steps_so_far(killed) and 40 not in _steps_so_far(killed)
-    resumed = subprocess.run(train_cli(killed, cache_dir, "--resume"), capture_output=True, text=True, timeout=300)
+    assert 17 in _steps_so_far(run) and 40 not in _steps_so_far(run)
+    resumed = subprocess.run(train_cli(run, cache_dir, *extra, "--resume"), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    whole, after_kill = losses_by_step(whole_run), losses_by_step(killed)
+    return losses_by_step(run)
+
+
+def test_kill_and_resume_is_bit_identical(cache_dir, whole_run, tmp_path):
+    whole, after_kill = losses_by_step(whole_run), kill_and_resume(cache_dir, tmp_path / "killed")
     assert sorted(whole) == sorted(after_kill) == list(range(1, 41))
     assert all(whole[s] == after_kill[s] for s in whole)  # bit for bit, every step
+
+
+def test_kill_and_resume_is_bit_identical_in_bf16(cache_dir, whole_run_bf16, tmp_path):
+    whole = losses_by_step(whole_run_bf16)
+    after_kill = kill_and_resume(cache_dir, tmp_path / "killed", "--train.precision=bf16")
+    assert sorted(whole) == sorted(after_kill) == list(range(1, 41))
+    assert all(whole[s] == after_kill[s] for s in whole)  # bit for bit in bf16 too
+    assert '"precision": "bf16"' in (tmp_path / "killed" / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
