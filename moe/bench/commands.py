@@ -1,7 +1,7 @@
 """Benchmarks and the cost model. Each command prints a table; `--json PATH` saves the figures and,
 with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the curve that matters.
 
-  machine      this machine's roofline: peak matmul FLOP/s and memory bandwidth
+  machine      this machine's roofline: peak matmul FLOP/s in fp32 and bf16, memory bandwidth
   decode       prefill and decode tokens/s across batch sizes and prompt lengths, latency
                percentiles, MFU and MBU against `machine`, KV-cache bytes for MQA / GQA / MHA
   experts      tokens per expert per decode step at each batch size, against uniform routing
@@ -10,11 +10,16 @@ with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the cu
   costmodel    the analytic cost model for a config on a GPU (or this CPU), and --claims:
                the reference design's arithmetic checked from configs/gpt4.toml
   moe-layer    one MoE layer, forward + backward, against its dense compute floor
-  train-step   forward + backward + AdamW of the whole model: tokens/s
+  train-step   forward + backward + AdamW of the whole model: tokens/s and MFU per precision
+
+Every MFU is read against the matmul peak of the precision that ran: --precision (auto, fp32,
+bf16; bf16 autocast over fp32 weights, as training runs) for train-step and moe-layer, --dtype
+(fp32, bf16: the weights' dtype) for the inference commands.
 
 Examples:
   python bench.py machine
-  python bench.py decode --checkpoint runs/small --plot decode.png
+  python bench.py train-step --precision fp32,bf16 --hf
+  python bench.py decode --checkpoint runs/small --dtype bf16 --plot decode.png
   python bench.py experts --batch-sizes 1,8,64
   python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
   python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
