@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from moe.cli import device_arg, run
+from moe.hardware import PRECISIONS
 from moe.infer.launch import launch
 
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-checkpoint", help="a smaller model with the same tokenizer: speculative decoding")
     parser.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+    parser.add_argument("--dtype", choices=list(PRECISIONS), default=None,
                         help="the weights' and KV cache's dtype (default: bf16 on CUDA, fp32 on a CPU, where "
                              "decoding measured no faster in bf16)")
     parser.add_argument("--compile", action="store_true",

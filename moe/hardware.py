@@ -34,6 +34,13 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     return dtype
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """How a precision runs: bf16 autocast over fp32 weights (the router, the norms and the loss say
+    for themselves that they stay fp32; autocast keeps softmaxes and reductions in fp32), or
+    nothing at all for fp32. The trainer and the benchmarks both enter it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 def has_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run at all: on every CPU (emulated where the hardware lacks them), on
     CUDA from sm80 (Ampere)."""

@@ -18,7 +18,14 @@ import torch
 
 from .. import costmodel
 from ..config import ModelConfig
-from ..hardware import dtype_name, matmul_peak, median_times, resolve_precision, sync
+from ..hardware import (
+    autocast,
+    dtype_name,
+    matmul_peak,
+    median_times,
+    resolve_precision,
+    sync,
+)
 from ..hf import to_hf_config, transformers_module
 from ..infer.engine import Engine, Request
 from ..infer.sampling import SamplingParams, generate, generate_uncached
@@ -158,11 +165,6 @@ def train_step(cfg: ModelConfig, batch_size: int = 8, seq_len: int | None = None
         "rows": rows,
         **{k: rows[0][k] for k in ("step_ms", "tokens_per_s", "achieved_gflops", "mfu")},  # the first contender
     }
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """bf16 autocast over fp32 weights, as the trainer runs it (a no-op for fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def hf_model(cfg: ModelConfig):

@@ -25,7 +25,7 @@ from ..cli import Interrupted
 from ..config import Config, ConfigError, TrainConfig
 from ..data.captions import CaptionData
 from ..data.corpus import prepare_data
-from ..hardware import matmul_peak, resolve_precision
+from ..hardware import autocast, matmul_peak, resolve_precision
 from ..infer.sampling import SamplingParams, generate
 from ..model import MoETransformer
 from ..model.params import Kind, is_vision, param_kind
@@ -150,9 +150,7 @@ class Trainer:
         return "bf16" if self.dtype == torch.bfloat16 else "fp32"
 
     def autocast(self) -> torch.autocast:
-        """bf16 matmuls over fp32 weights; what must stay fp32 says so itself (the router, the norms,
-        the loss), and autocast keeps softmaxes and reductions in fp32 (on CPU as on CUDA)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        return autocast(self.device, self.dtype)
 
     # ---- the loop ---------------------------------------------------------------------------
 
