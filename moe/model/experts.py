@@ -99,11 +99,10 @@ class _SplitSwiGLU(torch.autograd.Function):
         h3_AF = torch.empty_like(h1_AF)
         out_AD = torch.empty_like(x_AD)  # expert outputs before gating, kept for the gate gradient
         y_AD = torch.empty_like(x_AD)
-        cast = {}  # expert -> its weights in the rows' dtype, for the backward pass (when they differ)
+        cast = {}  # expert -> its weights in the rows' dtype (views of them in fp32), for the backward pass
         for e, rows in _expert_rows(counts):
             x, (w1e, w3e, w2e) = x_AD[rows], _cast(x_AD.dtype, w1[e], w3[e], w2[e])
-            if w1e.dtype != w1.dtype:
-                cast[e] = w1e, w3e, w2e
+            cast[e] = w1e, w3e, w2e
             torch.mm(x, w1e, out=h1_AF[rows])
             torch.mm(x, w3e, out=h3_AF[rows])
             torch.mm(F.silu(h1_AF[rows]) * h3_AF[rows], w2e, out=out_AD[rows])
@@ -124,7 +123,7 @@ class _SplitSwiGLU(torch.autograd.Function):
         dy_AD = dy_AD.to(x_AD.dtype)
         for e, rows in _expert_rows(ctx.counts):
             x, h1, h3 = x_AD[rows], h1_AF[rows], h3_AF[rows]
-            w1e, w3e, w2e = ctx.cast.get(e) or (w1[e], w3[e], w2[e])
+            w1e, w3e, w2e = ctx.cast[e]
             torch.linalg.vecdot(dy_AD[rows], out_AD[rows], out=d_gates_A[rows])
             d_out = dy_AD[rows] * gates_A[rows, None]
             act1 = F.silu(h1)  # recomputed: cheaper than keeping another A x F tensor
