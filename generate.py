@@ -5,6 +5,7 @@ Examples:
   python generate.py --checkpoint runs/small --prompt "import" --temperature 0 --max-new-tokens 50
   python generate.py --prompt-file prompts.txt --slots 8           one prompt a line, continuous batching
   python generate.py --prompt "class" --draft-checkpoint runs/draft --speculate-k 4
+  python generate.py --prompt "import" --dtype int8 --kv-int8 --compile   int8 weights and cache, compiled step
   python generate.py --checkpoint runs/vision_small --image digits.png --temperature 0   caption an image
   python generate.py --checkpoint runs/vision_small --prompt-file prompts.jsonl
       one JSON object a line: {"prompt": "...", "images": ["a.png", ...]} (paths relative to the file)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from moe.cli import device_arg, run
-from moe.hardware import PRECISIONS
+from moe.hardware import INFERENCE_DTYPES
 from moe.infer.launch import launch
 
 
@@ -38,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-checkpoint", help="a smaller model with the same tokenizer: speculative decoding")
     parser.add_argument("--speculate-k", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--dtype", choices=list(PRECISIONS), default=None,
-                        help="the weights' and KV cache's dtype (default: bf16 on CUDA, fp32 on a CPU, where "
-                             "decoding measured no faster in bf16)")
+    parser.add_argument("--dtype", choices=list(INFERENCE_DTYPES), default=None,
+                        help="the weights' dtype: fp32, bf16, or int8 (one scale per output channel, fp32 "
+                             "activations and cache); default bf16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--kv-int8", action="store_true",
+                        help="keep the KV cache in int8, one scale per token and head (3.6x smaller at head dim 32)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the one-token decode step (single prompts; slow to compile on a CPU)")
+                        help="torch.compile the one-token decode step (single prompts; ~20 s to compile on a "
+                             "CPU, then 2-4x faster per token: docs/benchmarks.md)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     return parser
 

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from .config import Config, ConfigError, config_from_dict
 from .files import atomic_folder
-from .model import MoETransformer
+from .model import MoETransformer, activation_dtype, pack_for_inference
 from .tokenizer import load_tokenizer
 
 FILES = ("model.safetensors", "trainer.pt", "config.json", "tokenizer.json")
@@ -154,19 +154,27 @@ def load_checkpoint_tokenizer(folder: Path) -> Tokenizer:
     return load_tokenizer(folder / "tokenizer.json")
 
 
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       packed: bool = False):
     """(model in eval mode, tokenizer) from a checkpoint folder or a run directory, for inference, its
-    weights in `dtype` (the router and the norms still compute in fp32)."""
+    weights in `dtype` (the router and the norms still compute in fp32).
+
+    `packed=True` lays the weights out for decoding (`model.packed`: fused w1/w3, int8 with scales,
+    fast when compiled); int8 weights are always packed, with fp32 activations. Unpacked, the
+    model holds exactly the checkpoint's parameters."""
     folder = resolve_checkpoint(path)
     model = MoETransformer(load_config_from(folder).model)
     load_weights(folder, model)
-    return model.to(device, dtype).eval(), load_checkpoint_tokenizer(folder)
+    model = model.to(device, activation_dtype(dtype)).eval()
+    if packed or dtype == torch.int8:
+        pack_for_inference(model, dtype)
+    return model, load_checkpoint_tokenizer(folder)
 
 
 def load_draft_for_inference(path: str | Path, tokenizer: Tokenizer, device: torch.device | str = "cpu",
-                             dtype: torch.dtype = torch.float32):
+                             dtype: torch.dtype = torch.float32, packed: bool = False):
     """A draft model for speculative decoding: refused unless it shares the target's tokenizer."""
-    draft, draft_tokenizer = load_for_inference(path, device, dtype)
+    draft, draft_tokenizer = load_for_inference(path, device, dtype, packed)
     if draft_tokenizer.to_str() != tokenizer.to_str():
         raise CheckpointError(f"{path}: its tokenizer differs from the target's (a draft must share it)")
     return draft

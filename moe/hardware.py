@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Inference also stores weights in int8 (one scale per output channel; activations stay fp32).
+INFERENCE_DTYPES = {**PRECISIONS, "int8": torch.int8}
 FAST_BF16 = 1.3  # `auto` takes bf16 where its matmuls are at least this many times faster than fp32's
 
 
@@ -71,12 +73,14 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def inference_dtype(precision: str | None, device: torch.device | str) -> torch.dtype:
-    """The dtype inference stores its weights and KV cache in: `fp32`, `bf16`, or by default bf16 on
-    CUDA sm80+ and fp32 on a CPU, where decoding (matrix-vector products, bandwidth-bound) measured
-    no faster in bf16 (docs/benchmarks.md)."""
+    """The dtype inference stores its weights in: `fp32`, `bf16`, `int8` (weight-only: activations
+    and the KV cache in fp32), or by default bf16 on CUDA sm80+ and fp32 on a CPU, where eager
+    decoding measured no faster in bf16 (docs/benchmarks.md)."""
     dev = torch.device(device)
     if precision is None:
         return torch.bfloat16 if dev.type == "cuda" and has_bf16(dev) else torch.float32
+    if precision == "int8":
+        return torch.int8
     return resolve_precision(precision, dev)
 
 

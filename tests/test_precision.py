@@ -155,7 +155,7 @@ def test_generate_and_bench_take_a_dtype(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     peak = json.loads(out.read_text())["matmul_flops"]
-    assert "greedy decoding in bfloat16" in proc.stdout and peak > 0
+    assert "greedy decoding, bfloat16 weights, bfloat16 activations" in proc.stdout and peak > 0
     assert result["rows"][0]["mfu"] == pytest.approx(result["rows"][0]["gflops"] * 1e9 / peak)  # against bf16's peak
 
 

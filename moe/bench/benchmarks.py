@@ -181,35 +181,64 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
+def bytes_per_weight(model) -> float:
+    """Bytes decoding reads per weight of the model's matrices: the dtype's size; for int8, plus
+    each row's fp32 scale spread over its K = d_model weights (w2's rows are longer: within 1 %)."""
+    weight = model.lm_head.weight
+    return 1 + 4 / weight.shape[-1] if weight.dtype == torch.int8 else weight.element_size()
+
+
+def kv_bytes_per_value(model, kv_int8: bool) -> float:
+    """Bytes per cached key or value: the activations' dtype, or int8 with a head's fp32 scale spread over it."""
+    return 1 + 4 / model.cfg.head_dim if kv_int8 else next(model.parameters()).element_size()
+
+
 @torch.no_grad()
 def batch1_decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_tokens: int = 32, seed: int = 0,
-                  decode_step=None) -> dict:
+                  decode_step=None, kv_int8: bool = False, peaks: dict | None = None) -> dict:
     """Batch-1 greedy decoding through `generate`, with the KV cache and without it, and
     token-to-token latency (`decode_sweep` covers the batch sizes; this is the compiled step's check).
 
-    `decode_step`: a compiled step (`sampling.compile_decode_step`) for the cached run.
+    `decode_step`: a compiled step (`sampling.compile_decode_step`) for the cached run. Decode
+    tokens/s counts token to token, past the prefill, as llama.cpp's `llama-bench` does; a step
+    reads the weights but the embedding table, exactly k experts per MoE layer, and the cache.
     """
     cfg = model.cfg
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    list(generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0), decode_step))  # warm up
+    warm = SamplingParams(max_new_tokens=8, temperature=0)
+    list(generate(model, prompt, warm, decode_step, kv_int8=kv_int8))
     gaps, last = [], time.perf_counter()
     start = last
-    for _ in generate(model, prompt, greedy, decode_step):
+    tokens = []
+    for token in generate(model, prompt, greedy, decode_step, kv_int8=kv_int8):
         now = time.perf_counter()
         gaps.append(now - last)
+        tokens.append(token)
         last = now
     cached_s = last - start
     start = time.perf_counter()
     generate_uncached(model, prompt, SamplingParams(max_new_tokens=uncached_tokens, temperature=0))
     uncached_s = time.perf_counter() - start
-    return {
+    decode_s = sum(gaps[1:])
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    kv_token = costmodel.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
+                                            kv_bytes_per_value(model, kv_int8))
+    step_bytes = (costmodel.weight_bytes(cfg, moe_layers * min(cfg.top_k, cfg.n_experts), bytes_per_weight(model))
+                  + (prompt_len + new_tokens / 2) * kv_token)  # the mean context
+    result = {
         "benchmark": "decode", "batch_size": 1, "prompt_len": prompt_len, "compiled": decode_step is not None,
-        "cached_tokens_per_s": new_tokens / cached_s,
+        "weights": dtype_name(model.lm_head.weight.dtype), "kv_int8": kv_int8, "tokens": tokens,
+        "cached_tokens_per_s": new_tokens / cached_s,  # the prefill included
+        "decode_tokens_per_s": (new_tokens - 1) / decode_s,
         "uncached_tokens_per_s": uncached_tokens / uncached_s,
         "first_token_ms": gaps[0] * 1e3,  # prefill + first sample
         "token_to_token_ms": {k: v * 1e3 for k, v in _percentiles(gaps[1:]).items()},
+        "bytes_per_step": step_bytes, "gbytes_per_s": step_bytes * (new_tokens - 1) / decode_s / 1e9,
     }
+    if peaks:
+        result["mbu"] = result["gbytes_per_s"] * 1e9 / peaks["bandwidth"]
+    return result
 
 
 def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int = 16,
@@ -223,12 +252,12 @@ def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int
 
 
 @torch.no_grad()
-def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict:
+def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0, kv_int8: bool = False) -> dict:
     """Static vs continuous batching on the same long-tailed workload."""
     rows = []
     for static in (True, False):
         requests = long_tailed_requests(n_requests, model.cfg.vocab_size, seed)
-        engine = Engine(model, slots, static=static)
+        engine = Engine(model, slots, static=static, kv_int8=kv_int8)
         start = time.perf_counter()
         results = engine.run(requests)
         seconds = time.perf_counter() - start
@@ -246,16 +275,56 @@ def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0) -> dict
             "rows": rows, "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
 
 
+@torch.no_grad()
+def quality(models: dict, variants: list[tuple[str, bool]], prompts: list[list[int]], new_tokens: int,
+            batches: list) -> dict:
+    """Each (weights, int8 KV cache) variant against fp32 weights and cache: the share of fp32's
+    greedy tokens that are its own top-1 choice, and its validation loss.
+
+    Agreement is teacher-forced: fp32 writes `new_tokens` greedy tokens after each prompt, and each
+    variant, fed the prompt and those tokens in one cached forward (so an int8 cache is read as it
+    is written), is asked at every position whether its argmax is fp32's next token. One early
+    disagreement then costs one position, not the rest of the sequence.
+    """
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    sequences = [prompt + list(generate(models["fp32"], prompt, greedy)) for prompt in prompts]
+    rows = []
+    for dtype, kv_int8 in variants:
+        model = models[dtype]
+        device, act = next(model.parameters()).device, next(model.parameters()).dtype
+        agree = total = 0
+        for prompt, seq in zip(prompts, sequences):
+            cache = KVCache(model.cfg, 1, capacity=len(seq), device=device, dtype=act, int8=kv_int8)
+            logits = model(torch.tensor([seq[:-1]], device=device), cache=cache, decode=True).logits[0]
+            predicted = logits[len(prompt) - 1:].argmax(-1).cpu()
+            agree += int((predicted == torch.tensor(seq[len(prompt):])).sum())
+            total += len(seq) - len(prompt)
+        loss = weight = 0.0
+        for batch in batches:
+            B, T = batch.inputs.shape
+            cache = KVCache(model.cfg, B, capacity=T, device=device, dtype=act, int8=kv_int8)
+            out = model(batch.inputs.to(device), batch.targets.to(device), cache=cache)
+            counted = int((batch.targets != -100).sum())
+            loss, weight = loss + out.ce_loss.item() * counted, weight + counted
+        rows.append({"weights": dtype, "kv_cache": "int8" if kv_int8 else dtype_name(act),
+                     "top1_agreement": agree / total, "tokens": total, "val_loss": loss / weight})
+    reference = rows[0]["val_loss"]
+    for row in rows:
+        row["val_loss_change"] = row["val_loss"] / reference - 1
+    return {"benchmark": "quality", "rows": rows}
+
+
 # ---- decode across batch sizes, and the experts each step touches ----------------------------
 
 @torch.no_grad()
-def greedy_decode(model, prompts_BT: torch.Tensor, new_tokens: int, capacity: int | None = None) -> dict:
+def greedy_decode(model, prompts_BT: torch.Tensor, new_tokens: int, capacity: int | None = None,
+                  kv_int8: bool = False) -> dict:
     """Prefill a batch of prompts, then greedy-decode `new_tokens` steps, timing each: the prefill
     and step seconds, the tokens per expert per MoE layer at every step, and the tokens."""
     device = next(model.parameters()).device
     B, T = prompts_BT.shape
     cache = KVCache(model.cfg, B, capacity=capacity or T + new_tokens, device=device,
-                    dtype=next(model.parameters()).dtype)
+                    dtype=next(model.parameters()).dtype, int8=kv_int8)
     sync(device)
     start = time.perf_counter()
     logits = model(prompts_BT.to(device), cache=cache, decode=True).logits[:, -1]
@@ -274,7 +343,7 @@ def greedy_decode(model, prompts_BT: torch.Tensor, new_tokens: int, capacity: in
 
 @torch.no_grad()
 def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64), prompt_lens=(16, 128),
-                 new_tokens: int = 32, seed: int = 0) -> tuple[dict, dict]:
+                 new_tokens: int = 32, seed: int = 0, kv_int8: bool = False) -> tuple[dict, dict]:
     """Prefill and decode tokens/s at each batch size and prompt length, token-to-token latency,
     and the FLOP/s and bytes/s achieved, against the machine's peaks (`machine()`) when given.
 
@@ -287,15 +356,15 @@ def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64)
     longest = max(prompt_lens) + new_tokens
     if longest > cfg.max_seq_len:  # before measuring anything
         raise ValueError(f"prompt {max(prompt_lens)} + {new_tokens} new tokens exceed model.max_seq_len={cfg.max_seq_len}")
-    element = next(model.parameters()).element_size()
-    kv_token = costmodel.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, element)
+    element, kv_value = bytes_per_weight(model), kv_bytes_per_value(model, kv_int8)
+    kv_token = costmodel.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_value)
     generator = torch.Generator().manual_seed(seed)
     random_prompts = lambda B, P: torch.randint(0, cfg.vocab_size, (B, P), generator=generator)  # noqa: E731
     greedy_decode(model, random_prompts(1, 8), 4)  # warm up
     rows, routing = [], {}
     for prompt_len in prompt_lens:
         for batch in batch_sizes:
-            run = greedy_decode(model, random_prompts(batch, prompt_len), new_tokens)
+            run = greedy_decode(model, random_prompts(batch, prompt_len), new_tokens, kv_int8=kv_int8)
             flops = bytes_ = 0.0
             for i, counts in enumerate(run["counts"]):
                 context = prompt_len + i + 1
@@ -315,7 +384,7 @@ def decode_sweep(model, peaks: dict | None, batch_sizes=(1, 2, 4, 8, 16, 32, 64)
                 rows[-1].update(mfu=flops / seconds / peaks["matmul_flops"], mbu=bytes_ / seconds / peaks["bandwidth"])
             if prompt_len == prompt_lens[0] and run["counts"][0] is not None:
                 routing[batch] = torch.stack(run["counts"])  # (steps, layers, E)
-    kv_full = {name: costmodel.kv_cache_bytes(dataclasses.replace(cfg, n_kv_heads=g), 1, cfg.max_seq_len, element)
+    kv_full = {name: costmodel.kv_cache_bytes(dataclasses.replace(cfg, n_kv_heads=g), 1, cfg.max_seq_len, kv_value)
                for name, g in (("mqa", 1), ("gqa", max(cfg.n_heads // 4, 1)), ("mha", cfg.n_heads))}
     result = {"benchmark": "decode", "new_tokens": new_tokens, "rows": rows, "kv_cache_bytes_full_context": kv_full}
     if peaks:

@@ -7,6 +7,7 @@ with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the cu
   experts      tokens per expert per decode step at each batch size, against uniform routing
   batching     static vs continuous batching on a long-tailed workload
   speculative  speculative vs plain greedy decoding at batch 1..8, against the closed form
+  quality      bf16 and int8 weights (and an int8 KV cache) against fp32: top-1 agreement, validation loss
   costmodel    the analytic cost model for a config on a GPU (or this CPU), and --claims:
                the reference design's arithmetic checked from configs/gpt4.toml
   moe-layer    one MoE layer, forward + backward, against its dense compute floor
@@ -14,12 +15,14 @@ with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the cu
 
 Every MFU is read against the matmul peak of the precision that ran: --precision (auto, fp32,
 bf16; bf16 autocast over fp32 weights, as training runs) for train-step and moe-layer, --dtype
-(fp32, bf16: the weights' dtype) for the inference commands.
+(fp32, bf16, or int8 weights with fp32 activations) for the inference commands.
 
 Examples:
   python bench.py machine
   python bench.py train-step --precision fp32,bf16 --hf
   python bench.py decode --checkpoint runs/small --dtype bf16 --plot decode.png
+  python bench.py decode --checkpoint runs/small --dtype int8 --batch-sizes 1 --compile --new-tokens 128
+  python bench.py quality --checkpoint runs/small --dtype bf16,int8 --kv-int8
   python bench.py experts --batch-sizes 1,8,64
   python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
   python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
@@ -54,7 +57,7 @@ from ..cli import (
 from ..config import ModelConfig, load_config
 from ..data.corpus import prepare_data
 from ..infer.sampling import compile_decode_step
-from ..model import MoETransformer
+from ..model import MoETransformer, activation_dtype, pack_for_inference
 from . import benchmarks
 from .claims import claims
 from .plots import plot_decode, plot_experts, plot_speculative
@@ -66,6 +69,14 @@ def precision_list(text: str) -> tuple[str, ...]:
         if precision not in ("auto", *hardware.PRECISIONS):
             raise argparse.ArgumentTypeError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
     return precisions
+
+
+def dtype_list(text: str) -> tuple[str, ...]:
+    dtypes = tuple(text.split(","))
+    for dtype in dtypes:
+        if dtype not in hardware.INFERENCE_DTYPES:
+            raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} (expected {', '.join(hardware.INFERENCE_DTYPES)})")
+    return dtypes
 
 
 def impl_list(text: str) -> tuple[str, ...]:
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lens", type=int_list, default=(16, 128), help="default 16,128")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps per run (default 32)")
     p.add_argument("--compile", action="store_true",
-                   help="also time batch-1 decoding with the step compiled by torch.compile (~15 s here)")
+                   help="also time batch-1 decoding, eager and with the step compiled by torch.compile (~20 s)")
     commands["decode"] = p
 
     p = add("experts", "tokens per expert per layer at every decode step, per batch size, against uniform routing")
@@ -112,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--prompts", type=positive_int, default=8, help="validation windows used as prompts (default 8)")
     commands["speculative"] = p
+
+    p = add("quality", "bf16 and int8 weights (and an int8 KV cache) against fp32: top-1 agreement on fp32's "
+                       "greedy tokens from validation prompts, and validation loss")
+    p.add_argument("--checkpoint", required=True, help="a run directory or checkpoint")
+    p.add_argument("--dtype", type=dtype_list, default=("bf16", "int8"), help="comma-separated (default bf16,int8)")
+    p.add_argument("--prompts", type=positive_int, default=8, help="validation windows used as prompts (default 8)")
+    p.add_argument("--new-tokens", type=positive_int, default=125, help="greedy tokens per prompt (default 125)")
+    p.add_argument("--val-batches", type=positive_int, default=8,
+                   help="validation batches of train.micro_batch_size sequences for the loss (default 8)")
+    commands["quality"] = p
 
     p = add("costmodel", "the analytic cost model (no measurement): parameters, FLOPs, bytes, KV cache, "
                          "roofline time, tokens/s, MFU, GPUs, dollars; --claims checks the reference design")
@@ -155,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         commands[name].add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights)")
     commands["speculative"].add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
     for name in ("decode", "experts", "batching", "speculative"):
-        commands[name].add_argument("--dtype", choices=list(hardware.PRECISIONS), default=None,
-                                    help="the weights' and KV cache's dtype (default: bf16 on CUDA, fp32 on a CPU)")
+        commands[name].add_argument("--dtype", choices=list(hardware.INFERENCE_DTYPES), default=None,
+                                    help="the weights' dtype: fp32, bf16, or int8 (fp32 activations); default bf16 "
+                                         "on CUDA, fp32 on a CPU")
+    for name in ("decode", "batching", "quality"):
+        commands[name].add_argument("--kv-int8", action="store_true",
+                                    help="also (quality) or instead keep the KV cache in int8")
     for name, p in commands.items():
         add_config_args(p)
         p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -190,18 +215,22 @@ def load_model(args, cfg: ModelConfig):
     torch.manual_seed(0)
     dtype = hardware.inference_dtype(args.dtype, args.device)
     if getattr(args, "checkpoint", None):
-        return (*load_for_inference(args.checkpoint, args.device, dtype), args.checkpoint)
-    return MoETransformer(cfg).to(args.device, dtype).eval(), None, f"random weights of {args.config}"
+        return (*load_for_inference(args.checkpoint, args.device, dtype, packed=True), args.checkpoint)
+    model = MoETransformer(cfg).to(args.device, activation_dtype(dtype)).eval()
+    return pack_for_inference(model, dtype), None, f"random weights of {args.config}"
 
 
 def decode(args, cfg: ModelConfig) -> dict:
     model, _, where = load_model(args, cfg)
-    dtype = next(model.parameters()).dtype
-    peaks = hardware.machine(args.device, dtype)
-    result, _ = benchmarks.decode_sweep(model, peaks, args.batch_sizes, args.prompt_lens, args.new_tokens)
-    print(f"greedy decoding in {peaks['dtype']}, {where} ({model.param_counts().active / 1e6:.1f} M active "
-          f"parameters), {args.new_tokens} steps per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s "
-          f"({peaks['dtype']}), {peaks['bandwidth'] / 1e9:.1f} GB/s")
+    weights = hardware.dtype_name(model.lm_head.weight.dtype)
+    peaks = hardware.machine(args.device, next(model.parameters()).dtype)  # int8 weights compute in fp32
+    result, _ = benchmarks.decode_sweep(model, peaks, args.batch_sizes, args.prompt_lens, args.new_tokens,
+                                        kv_int8=args.kv_int8)
+    kv = "int8" if args.kv_int8 else peaks["dtype"]
+    print(f"greedy decoding, {weights} weights, {peaks['dtype']} activations, {kv} KV cache, {where} "
+          f"({costmodel.param_counts(model.cfg).active / 1e6:.1f} M active parameters), {args.new_tokens} steps "
+          f"per run; roofline: {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s ({peaks['dtype']}), "
+          f"{peaks['bandwidth'] / 1e9:.1f} GB/s; MBU counts the bytes read in these dtypes")
     print_table(result["rows"], [("prompt_len", "prompt", "d"), ("batch", "batch", "d"),
                                  ("prefill_tokens_per_s", "prefill tok/s", ",.0f"),
                                  ("decode_tokens_per_s", "decode tok/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
@@ -211,11 +240,17 @@ def decode(args, cfg: ModelConfig) -> dict:
         f"{k.upper()} {v / 1024:,.0f} KiB" for k, v in result["kv_cache_bytes_full_context"].items()))
     if args.compile:
         step = compile_decode_step(model)
-        compiled = benchmarks.batch1_decode(model, new_tokens=args.new_tokens, decode_step=step)
-        eager = benchmarks.batch1_decode(model, new_tokens=args.new_tokens)
-        result["batch1_compiled"], result["batch1_eager"] = compiled, eager
-        print(f"batch 1, compiled decode step: {compiled['cached_tokens_per_s']:.0f} tokens/s "
-              f"(eager {eager['cached_tokens_per_s']:.0f}; without the KV cache {eager['uncached_tokens_per_s']:.0f})")
+        runs = {name: benchmarks.batch1_decode(model, new_tokens=args.new_tokens, decode_step=decode_step,
+                                               kv_int8=args.kv_int8, peaks=peaks)
+                for name, decode_step in (("compiled", step), ("eager", None))}
+        result["batch1_compiled"], result["batch1_eager"] = runs["compiled"], runs["eager"]
+        result["batch1_compiled_matches_eager"] = runs["compiled"]["tokens"] == runs["eager"]["tokens"]
+        print(f"batch 1, {args.new_tokens} greedy tokens, token to token (the prefill apart):")
+        print_table([{"step": name, **run, "p50_ms": run["token_to_token_ms"]["p50"]} for name, run in runs.items()],
+                    [("step", "step", "s"), ("decode_tokens_per_s", "decode tok/s", ",.0f"), ("p50_ms", "p50 ms", ".2f"),
+                     ("gbytes_per_s", "GB/s", ".2f"), ("mbu", "MBU", ".1%")])
+        print(f"compiled / eager: {runs['compiled']['decode_tokens_per_s'] / runs['eager']['decode_tokens_per_s']:.2f}x;"
+              f" greedy tokens identical: {result['batch1_compiled_matches_eager']}")
     if args.plot:
         plot_decode(args.plot, result)
     return result
@@ -240,7 +275,7 @@ def experts(args, cfg: ModelConfig) -> dict:
 
 def batching(args, cfg: ModelConfig) -> dict:
     model, _, where = load_model(args, cfg)
-    result = benchmarks.batching(model, args.requests, args.slots)
+    result = benchmarks.batching(model, args.requests, args.slots, kv_int8=args.kv_int8)
     lengths = result["output_lengths"]
     print(f"{result['requests']} greedy requests ({where}), output lengths {lengths['min']}-{lengths['max']} "
           f"(median {lengths['median']}), {result['slots']} slots:")
@@ -253,11 +288,13 @@ def batching(args, cfg: ModelConfig) -> dict:
 
 def speculative(args, cfg: ModelConfig) -> dict:
     target, tokenizer, where = load_model(args, cfg)
-    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, next(target.parameters()).dtype)
+    draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device,
+                                     hardware.inference_dtype(args.dtype, args.device), packed=True)
     data = load_validation(args.checkpoint, tokenizer)
     prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
     result = benchmarks.speculative_sweep(target, draft, prompts, args.batch_sizes, args.new_tokens, args.k)
-    result.update(target_active=target.param_counts().active, draft_active=draft.param_counts().active)
+    result.update(target_active=costmodel.param_counts(target.cfg).active,
+                  draft_active=costmodel.param_counts(draft.cfg).active)
     print(f"greedy decoding, {args.new_tokens} tokens per row, k = {args.k}: target {where} "
           f"({result['target_active'] / 1e6:.1f} M active), draft {args.draft_checkpoint} "
           f"({result['draft_active'] / 1e6:.1f} M active)")
@@ -272,6 +309,25 @@ def speculative(args, cfg: ModelConfig) -> dict:
           "((k + 1) c + verify), the costs as they were (this draft runs k + 1 steps a round)")
     if args.plot:
         plot_speculative(args.plot, result)
+    return result
+
+
+def quality(args, cfg: ModelConfig) -> dict:
+    _, tokenizer = load_for_inference(args.checkpoint)
+    data = load_validation(args.checkpoint, tokenizer)
+    prompts = [data.batch(i, 1, 32, split="val").inputs[0].tolist() for i in range(args.prompts)]
+    model_cfg = load_config_from(resolve_checkpoint(args.checkpoint))
+    n, seq_len = model_cfg.train.micro_batch_size, model_cfg.model.max_seq_len
+    batches = [data.batch(i * n, n, seq_len, split="val") for i in range(args.val_batches)]
+    variants = [(d, False) for d in ("fp32", *args.dtype)] + [(d, True) for d in ("fp32", *args.dtype) if args.kv_int8]
+    models = {dtype: load_for_inference(args.checkpoint, args.device, hardware.inference_dtype(dtype, args.device),
+                                        packed=True)[0] for dtype, _ in dict.fromkeys(variants)}
+    result = benchmarks.quality(models, list(dict.fromkeys(variants)), prompts, args.new_tokens, batches)
+    print(f"{args.checkpoint}: against fp32's greedy tokens ({len(prompts)} validation prompts x {args.new_tokens}, "
+          f"each position fed fp32's tokens so far) and validation loss ({args.val_batches} x {n} x {seq_len} tokens)")
+    print_table(result["rows"], [("weights", "weights", "s"), ("kv_cache", "KV cache", "s"),
+                                 ("top1_agreement", "top-1 agreement", ".2%"), ("val_loss", "val loss", ".4f"),
+                                 ("val_loss_change", "change", "+.2%")])
     return result
 
 
@@ -353,4 +409,4 @@ def train_step(args, cfg: ModelConfig) -> dict:
 
 
 COMMANDS = {"machine": machine, "decode": decode, "experts": experts, "batching": batching,
-            "speculative": speculative, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step}
+            "speculative": speculative, "quality": quality, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step}

@@ -56,11 +56,11 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, model, slots: int, static: bool = False):
+    def __init__(self, model, slots: int, static: bool = False, kv_int8: bool = False):
         self.model, self.cfg, self.static = model, model.cfg, static
         param = next(model.parameters())
         self.device = param.device
-        self.cache = KVCache(self.cfg, slots, device=self.device, dtype=param.dtype)
+        self.cache = KVCache(self.cfg, slots, device=self.device, dtype=param.dtype, int8=kv_int8)
         self.queue: deque[tuple[Request, float]] = deque()
         self.running: dict[int, _Running] = {}  # slot -> sequence
         self.results: list[Result] = []

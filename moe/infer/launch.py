@@ -19,13 +19,13 @@ from .speculative import SpeculativeStats, speculative_generate
 def launch(args: argparse.Namespace) -> None:
     """Print the generated text, then a one-line report (requests, tokens, tokens/s) on stderr."""
     dtype = inference_dtype(args.dtype, args.device)
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, dtype, packed=True)
     eot = tokenizer.token_to_id(EOT)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
     started = time.perf_counter()
     if args.prompt_file:
         texts, requests = read_prompt_file(args.prompt_file, tokenizer, model.cfg.vision, params)
-        results = Engine(model, args.slots).run(requests)
+        results = Engine(model, args.slots, kv_int8=args.kv_int8).run(requests)
         for result in sorted(results, key=lambda r: r.id):
             print(f"--- {result.id}: {texts[result.id]}\n{texts[result.id]}{tokenizer.decode(result.tokens)}")
         n_tokens, report = sum(len(r.tokens) for r in results), f"{len(results)} requests"
@@ -33,11 +33,11 @@ def launch(args: argparse.Namespace) -> None:
         prompt, images = prompt_with_images(tokenizer, args.prompt, args.image, model.cfg.vision)
         stats = SpeculativeStats()
         if args.draft_checkpoint:
-            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, dtype)
-            tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats)
+            draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, dtype, packed=True)
+            tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats, args.kv_int8)
         else:
             decode_step = compile_decode_step(model) if args.compile else None
-            tokens = generate(model, prompt, params, decode_step, images=images)
+            tokens = generate(model, prompt, params, decode_step, images=images, kv_int8=args.kv_int8)
         stream = TextStream(tokenizer)
         print(args.prompt, end="", flush=True)  # the prompt was checked above, as `tokens` was made
         for token in tokens:

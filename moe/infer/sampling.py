@@ -86,31 +86,39 @@ def new_token_budget(prompt: list[int], params: SamplingParams, context: int) ->
 
 
 def compile_decode_step(model):
-    """The model compiled for one-token decode steps: one graph, static shapes, no host syncs."""
-    return torch.compile(model, fullgraph=True, dynamic=False)
+    """The model compiled for one-token decode steps: one graph, static shapes, no host syncs.
+
+    With packed weights (`load_for_inference(..., packed=True)`) each matrix-vector product is one
+    fused loop reading the weights once, in their dtype, and only the chosen experts' (`packed.py`).
+    On a CPU the graph's wrapper is C++ too (Inductor's `cpp_wrapper`): no Python between kernels,
+    15 % faster per step at the `small` shape.
+    """
+    cpu = next(model.parameters()).device.type == "cpu"
+    return torch.compile(model, fullgraph=True, dynamic=False, options={"cpp_wrapper": cpu})
 
 
 def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
-             images: Tensor | None = None) -> Iterator[int]:
+             images: Tensor | None = None, kv_int8: bool = False) -> Iterator[int]:
     """New tokens one at a time (streaming): prefill the prompt once, then decode with the cache.
     A prompt that does not fit is an error here, before any token is asked for.
 
     `decode_step` runs the one-token steps (default: the model itself; `compile_decode_step(model)`
     for a compiled one); the prefill always runs eagerly, its length varying from prompt to prompt.
     `images` (M, C, W, W) go with the prompt's <|image|> tokens: they are encoded once, at the
-    prefill, and the cache keeps their visual tokens for every decode step.
+    prefill, and the cache keeps their visual tokens for every decode step. `kv_int8`: keep the KV
+    cache in int8 (`KVCache`).
     """
     budget = new_token_budget(prompt, params, model.cfg.max_seq_len)
-    return _stream(model, prompt, params, budget, model if decode_step is None else decode_step, images)
+    return _stream(model, prompt, params, budget, model if decode_step is None else decode_step, images, kv_int8)
 
 
 @torch.no_grad()
 def _stream(model, prompt: list[int], params: SamplingParams, budget: int, decode_step,
-            images: Tensor | None) -> Iterator[int]:
+            images: Tensor | None, kv_int8: bool) -> Iterator[int]:
     device = next(model.parameters()).device
     # The cache always spans the whole context: one shape for every call, so a compiled model
     # never recompiles (eagerly, attention only reads as far as the sequence goes).
-    cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype, int8=kv_int8)
     generator = params.generator(device)
     images = None if images is None else images[None].to(device)
     logits_V = model(torch.tensor([prompt], device=device), cache=cache, images=images, decode=True).logits[0, -1]

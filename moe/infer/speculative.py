@@ -46,9 +46,9 @@ class SpeculativeStats:
 
 
 def speculative_generate(target, draft, prompt: list[int], params: SamplingParams, k: int = 4,
-                         stats: SpeculativeStats | None = None) -> Iterator[int]:
+                         stats: SpeculativeStats | None = None, kv_int8: bool = False) -> Iterator[int]:
     """New tokens one at a time, as `generate` yields them; a bad draft, k or prompt is an error
-    here, before any token is asked for."""
+    here, before any token is asked for. `kv_int8`: both KV caches in int8."""
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.cfg.vocab_size}) differs from the target's "
                          f"({target.cfg.vocab_size}): they must share a tokenizer")
@@ -57,16 +57,16 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
     budget = new_token_budget(prompt, params, context)
     return _speculate(target, draft, prompt, params, k, stats if stats is not None else SpeculativeStats(),
-                      context, budget)
+                      context, budget, kv_int8)
 
 
 @torch.no_grad()
 def _speculate(target, draft, prompt: list[int], params: SamplingParams, k: int, stats: SpeculativeStats,
-               context: int, budget: int) -> Iterator[int]:
+               context: int, budget: int, kv_int8: bool) -> Iterator[int]:
     device = next(target.parameters()).device
     capacity = min(context, len(prompt) + budget + k + 1)
-    t_cache = KVCache(target.cfg, 1, capacity=min(capacity, target.cfg.max_seq_len), device=device)
-    d_cache = KVCache(draft.cfg, 1, capacity=min(capacity, draft.cfg.max_seq_len), device=device)
+    t_cache, d_cache = (KVCache(m.cfg, 1, capacity=min(capacity, m.cfg.max_seq_len), device=device,
+                                dtype=next(m.parameters()).dtype, int8=kv_int8) for m in (target, draft))
     generator = params.generator(device)
 
     def feed(model, cache, tokens: list[int]) -> torch.Tensor:

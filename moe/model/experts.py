@@ -66,6 +66,17 @@ class Experts(nn.Module):
         """Expert e alone on a few rows: `w2(silu(w1 x) * w3 x)` (the reference and decode use it)."""
         return (F.silu(x_TD @ self.w1[e]) * (x_TD @ self.w3[e])) @ self.w2[e]
 
+    def chosen(self, x_TD: Tensor, experts_TK: Tensor) -> Tensor:
+        """(T, K, D): each token through each of its chosen experts, found on the device (no host
+        sync, for torch.compile); their weights are gathered first."""
+        w1, w3, w2 = self.w1[experts_TK], self.w3[experts_TK], self.w2[experts_TK]  # (T, K, D|F, F|D)
+        h_TKF = F.silu(torch.einsum("td,tkdf->tkf", x_TD, w1)) * torch.einsum("td,tkdf->tkf", x_TD, w3)
+        return torch.einsum("tkf,tkfd->tkd", h_TKF, w2)
+
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
     def resolved_impl(self, x: Tensor) -> str:
         """`auto`: grouped_mm for bf16 (CUDA sm80+: one kernel, no host sync; a CPU: measured 8 %
         faster than split at the `small` shape), else split (fp32 on a CPU: the two are level, and
@@ -165,7 +176,7 @@ def moe_reference(x_TD: Tensor, routing: Routing, experts: Experts, capacity: in
     Capacity priority matches `plan_dispatch`: first choices before second, earlier tokens first.
     """
     y_TD = torch.zeros_like(x_TD)
-    for e in range(experts.w1.shape[0]):
+    for e in range(experts.n_experts):
         slot, token = torch.nonzero(routing.experts_TK.t() == e, as_tuple=True)  # slot-major
         if capacity is not None:
             slot, token = slot[:capacity], token[:capacity]

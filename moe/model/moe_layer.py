@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .dispatch import Dispatcher, LocalDispatcher, RouterStats
 from .experts import Experts
+from .packed import packed_linear
 from .routing import load_balancing_loss, route, router_z_loss
 
 
@@ -44,7 +45,7 @@ class MoE(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         # Routing decisions are brittle in low precision: the router always runs in fp32.
         with torch.autocast(x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.router.weight.float())
+            return packed_linear(x_TD.float(), self.router.weight.float())
 
     def forward(self, x: Tensor, with_losses: bool = True, decode: bool = False) -> MoEOutput:
         """Mix each token's top-k experts; the auxiliary losses only when asked (training).

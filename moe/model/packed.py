@@ -1,0 +1,138 @@
+"""Weights packed for inference: fp32, bf16, or int8 with one scale per output channel, and the
+matrix-vector products a compiled decode step turns into single fused loops.
+
+Shape letters (moe/shapes.py): T tokens, K inputs of a matrix, N its outputs, D model width,
+E experts, F expert hidden, A assignments grouped by expert.
+
+`pack_for_inference(model, dtype)` swaps, in place, every `nn.Linear` but the routers for a
+`PackedLinear` and every `Experts` for `PackedExperts`. Each holds its weights as (N, K) matrices,
+the output channels' rows contiguous, and, for int8, q = round(W / s) with s_n = max_k |W_nk| / 127
+(symmetric, per output channel: a quarter of fp32's bytes, each weight within s_n / 2 of its
+value). Activations, norms, the router and the KV cache stay in the model's dtype (fp32 for int8).
+
+Eagerly a packed matmul is `F.linear` over the weights (dequantised first for int8). Compiled
+(`torch.compile`) for a handful of rows, it is written as a broadcast multiply and a sum, which
+Inductor generates as one C++ loop: the dequantisation, and for the experts the gather of the two
+chosen experts, happen in registers while the weights stream past. On a CPU that reads a cold
+8 MB fp32 head at 21 GB/s where MKL's matrix-vector product manages 7 GB/s, and reads only the
+chosen experts' rows, where indexing would first copy them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .experts import Experts, _expert_rows
+
+FUSED_ROWS = 8  # compiled, up to this many rows a matmul runs as Inductor's fused loop
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+
+
+def activation_dtype(weights: torch.dtype) -> torch.dtype:
+    """What a model with weights in `weights` computes in: int8 weights work with fp32 activations."""
+    return torch.float32 if weights == torch.int8 else weights
+
+
+def quantize_int8(w_NK: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 weights and fp32 scales (..., N): one scale per output channel, the max |w| of its row / 127."""
+    scales_N = w_NK.float().abs().amax(dim=-1).clamp(min=1e-12) / 127
+    return (w_NK.float() / scales_N[..., None]).round().clamp(-127, 127).to(torch.int8), scales_N
+
+
+def dequantize(w_NK: Tensor, scales_N: Tensor | None, dtype: torch.dtype) -> Tensor:
+    return w_NK.to(dtype) if scales_N is None else (w_NK.to(torch.float32) * scales_N[..., None]).to(dtype)
+
+
+def fused(rows: int) -> bool:
+    """Whether a graph being compiled runs matmuls over this many rows as Inductor's fused loops."""
+    return torch.compiler.is_compiling() and rows <= FUSED_ROWS
+
+
+def packed_linear(x_TK: Tensor, w_NK: Tensor, scales_N: Tensor | None = None) -> Tensor:
+    """`x @ W.T` for packed weights W (int8 ones with their scales), in x's dtype."""
+    if fused(x_TK[..., 0].numel()):
+        y = (x_TK.float().unsqueeze(-2) * w_NK.float()).sum(-1)  # (..., N): one fused loop
+        return (y if scales_N is None else y * scales_N).to(x_TK.dtype)
+    return F.linear(x_TK, dequantize(w_NK, scales_N, x_TK.dtype))
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` for inference: weight (N, K) in fp32, bf16 or int8 (with scales), optional bias."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        weight, scales = _pack(linear.weight.detach(), dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = packed_linear(x, self.weight, self.scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, dtype={self.weight.dtype}"
+
+
+class PackedExperts(nn.Module):
+    """`Experts` for inference: w1 and w3 fused into w13 (E, 2F, D), w2 (E, D, F), int8 with scales
+    (E, 2F) and (E, D) or fp32 / bf16 without. Same calls as `Experts`, without gradients."""
+
+    impl = "packed"
+
+    def __init__(self, experts: Experts, dtype: torch.dtype):
+        super().__init__()
+        w13 = torch.cat((experts.w1.detach(), experts.w3.detach()), dim=-1).transpose(1, 2)  # (E, 2F, D)
+        w13, s13 = _pack(w13, dtype)
+        w2, s2 = _pack(experts.w2.detach().transpose(1, 2), dtype)  # (E, D, F)
+        for name, tensor in (("w13", w13), ("s13", s13), ("w2", w2), ("s2", s2)):
+            self.register_buffer(name, tensor)
+
+    @property
+    def n_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def forward(self, x_AD: Tensor, gates_A: Tensor, counts_E: Tensor) -> Tensor:
+        """`gate * expert(x)` for each row; rows grouped by expert, `counts_E[e]` for expert e."""
+        y_AD = torch.empty_like(x_AD)
+        for e, rows in _expert_rows(counts_E.tolist()):
+            y_AD[rows] = self.expert(e, x_AD[rows]) * gates_A[rows, None].to(x_AD.dtype)
+        return y_AD
+
+    def expert(self, e: int, x_TD: Tensor) -> Tensor:
+        h1, h3 = packed_linear(x_TD, self.w13[e], _at(self.s13, e)).chunk(2, dim=-1)
+        return packed_linear(F.silu(h1) * h3, self.w2[e], _at(self.s2, e))
+
+    def chosen(self, x_TD: Tensor, experts_TK: Tensor) -> Tensor:
+        """(T, K, D): each token through each of its chosen experts, for a compiled decode step:
+        the chosen experts' weights are indexed inside the fused loops, never copied."""
+        x = x_TD[:, None, :]  # (T, 1, D): every chosen expert sees its token
+        h1, h3 = packed_linear(x, self.w13[experts_TK], _at(self.s13, experts_TK)).chunk(2, dim=-1)
+        return packed_linear(F.silu(h1) * h3, self.w2[experts_TK], _at(self.s2, experts_TK))
+
+
+def pack_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Swap, in place, every `nn.Linear` but the routers (which stay fp32: routing is brittle) and
+    every `Experts` of `model` for their packed forms in `dtype` (fp32, bf16 or int8)."""
+    if dtype not in PACKED_DTYPES:
+        raise ValueError(f"packed weights in {dtype}: expected one of {', '.join(map(str, PACKED_DTYPES))}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Experts):
+            packed = PackedExperts(module, dtype)
+        elif isinstance(module, nn.Linear) and not name.endswith("router"):
+            packed = PackedLinear(module, dtype)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, packed)
+    return model
+
+
+def _pack(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return quantize_int8(w) if dtype == torch.int8 else (w.to(dtype).contiguous(), None)
+
+
+def _at(scales: Tensor | None, index) -> Tensor | None:
+    return None if scales is None else scales[index]
