@@ -68,12 +68,20 @@ class PackedLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: Tensor) -> Tensor:
         y = packed_linear(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, dtype={self.weight.dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
 class PackedExperts(nn.Module):
