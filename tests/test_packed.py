@@ -104,6 +104,21 @@ def test_compiled_int8_step_with_int8_cache_matches_eager(model):
     assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager
 
 
+def test_a_compiled_step_checks_several_tokens_at_once(model):
+    """As speculative decoding's verification does: 5 tokens, 10 (token, expert) rows, one graph."""
+    torch._dynamo.reset()
+    packed = packed_copy(model, torch.float32)
+    step = compile_decode_step(packed)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    caches = [KVCache(model.cfg, 1) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            packed(tokens[:, :7], cache=cache, decode=True)
+        got = step(tokens[:, 7:], cache=caches[0], decode=True).logits
+        want = packed(tokens[:, 7:], cache=caches[1], decode=True).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_engine_serves_int8_weights_and_cache_as_generate_does(model):
     packed = packed_copy(model, torch.int8)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]

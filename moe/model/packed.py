@@ -53,9 +53,15 @@ def fused(rows: int) -> bool:
 def packed_linear(x_TK: Tensor, w_NK: Tensor, scales_N: Tensor | None = None) -> Tensor:
     """`x @ W.T` for packed weights W (int8 ones with their scales), in x's dtype."""
     if fused(x_TK[..., 0].numel()):
-        y = (x_TK.float().unsqueeze(-2) * w_NK.float()).sum(-1)  # (..., N): one fused loop
-        return (y if scales_N is None else y * scales_N).to(x_TK.dtype)
+        return _fused_linear(x_TK, w_NK, scales_N)
     return F.linear(x_TK, dequantize(w_NK, scales_N, x_TK.dtype))
+
+
+def _fused_linear(x_TK: Tensor, w_NK: Tensor, scales_N: Tensor | None) -> Tensor:
+    """`x @ W.T` as a multiply and a sum, which Inductor compiles into one loop over W; W may be a
+    batch of matrices (..., N, K), one per row of x (the chosen experts)."""
+    y = (x_TK.float().unsqueeze(-2) * w_NK.float()).sum(-1)  # (..., N)
+    return (y if scales_N is None else y * scales_N).to(x_TK.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -117,8 +123,8 @@ class PackedExperts(nn.Module):
         """(T, K, D): each token through each of its chosen experts, for a compiled decode step:
         the chosen experts' weights are indexed inside the fused loops, never copied."""
         x = x_TD[:, None, :]  # (T, 1, D): every chosen expert sees its token
-        h1, h3 = packed_linear(x, self.w13[experts_TK], _at(self.s13, experts_TK)).chunk(2, dim=-1)
-        return packed_linear(F.silu(h1) * h3, self.w2[experts_TK], _at(self.s2, experts_TK))
+        h1, h3 = _fused_linear(x, self.w13[experts_TK], _at(self.s13, experts_TK)).chunk(2, dim=-1)
+        return _fused_linear(F.silu(h1) * h3, self.w2[experts_TK], _at(self.s2, experts_TK))
 
 
 def pack_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
