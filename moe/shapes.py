@@ -22,6 +22,7 @@ LETTERS = {
     "L": "latents: visual tokens per image",
     "M": "images one sequence may hold (max_images)",
     "N": "layers",
+    "O": "outputs of a weight matrix (its rows, as nn.Linear stores them)",
     "P": "patches per image",
     "Q": "ranks of an expert-parallel group",
     "R": "rows a rank receives from the others (expert parallelism)",
@@ -31,5 +32,6 @@ LETTERS = {
     "V": "vocabulary",
     "W": "image side in pixels",
     "X": "cache capacity: positions per slot",
+    "Z": "inputs of a weight matrix (its columns)",
     "1": "a dimension of size 1, for broadcasting",
 }

@@ -1,13 +1,13 @@
 """Weights packed for inference: fp32, bf16, or int8 with one scale per output channel, and the
 matrix-vector products a compiled decode step turns into single fused loops.
 
-Shape letters (moe/shapes.py): T tokens, K inputs of a matrix, N its outputs, D model width,
-E experts, F expert hidden, A assignments grouped by expert.
+Shape letters (moe/shapes.py): T tokens, O outputs of a matrix, Z its inputs, D model width,
+E experts, F expert hidden, K experts chosen per token, A assignments grouped by expert.
 
 `pack_for_inference(model, dtype)` swaps, in place, every `nn.Linear` but the routers for a
-`PackedLinear` and every `Experts` for `PackedExperts`. Each holds its weights as (N, K) matrices,
-the output channels' rows contiguous, and, for int8, q = round(W / s) with s_n = max_k |W_nk| / 127
-(symmetric, per output channel: a quarter of fp32's bytes, each weight within s_n / 2 of its
+`PackedLinear` and every `Experts` for `PackedExperts`. Each holds its weights as (O, Z) matrices,
+the output channels' rows contiguous, and, for int8, q = round(W / s) with s_o = max_z |W_oz| / 127
+(symmetric, per output channel: a quarter of fp32's bytes, each weight within s_o / 2 of its
 value). Activations, norms, the router and the KV cache stay in the model's dtype (fp32 for int8).
 
 Eagerly a packed matmul is `F.linear` over the weights (dequantised first for int8). Compiled
@@ -35,14 +35,14 @@ def activation_dtype(weights: torch.dtype) -> torch.dtype:
     return torch.float32 if weights == torch.int8 else weights
 
 
-def quantize_int8(w_NK: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 weights and fp32 scales (..., N): one scale per output channel, the max |w| of its row / 127."""
-    scales_N = w_NK.float().abs().amax(dim=-1).clamp(min=1e-12) / 127
-    return (w_NK.float() / scales_N[..., None]).round().clamp(-127, 127).to(torch.int8), scales_N
+def quantize_int8(w_OZ: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 weights and fp32 scales (..., O): one scale per output channel, the max |w| of its row / 127."""
+    scales_O = w_OZ.float().abs().amax(dim=-1).clamp(min=1e-12) / 127
+    return (w_OZ.float() / scales_O[..., None]).round().clamp(-127, 127).to(torch.int8), scales_O
 
 
-def dequantize(w_NK: Tensor, scales_N: Tensor | None, dtype: torch.dtype) -> Tensor:
-    return w_NK.to(dtype) if scales_N is None else (w_NK.to(torch.float32) * scales_N[..., None]).to(dtype)
+def dequantize(w_OZ: Tensor, scales_O: Tensor | None, dtype: torch.dtype) -> Tensor:
+    return w_OZ.to(dtype) if scales_O is None else (w_OZ.to(torch.float32) * scales_O[..., None]).to(dtype)
 
 
 def fused(rows: int) -> bool:
@@ -50,22 +50,22 @@ def fused(rows: int) -> bool:
     return torch.compiler.is_compiling() and rows <= FUSED_ROWS
 
 
-def packed_linear(x_TK: Tensor, w_NK: Tensor, scales_N: Tensor | None = None) -> Tensor:
+def packed_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None = None) -> Tensor:
     """`x @ W.T` for packed weights W (int8 ones with their scales), in x's dtype."""
-    if fused(x_TK[..., 0].numel()):
-        return _fused_linear(x_TK, w_NK, scales_N)
-    return F.linear(x_TK, dequantize(w_NK, scales_N, x_TK.dtype))
+    if fused(x_TZ[..., 0].numel()):
+        return _fused_linear(x_TZ, w_OZ, scales_O)
+    return F.linear(x_TZ, dequantize(w_OZ, scales_O, x_TZ.dtype))
 
 
-def _fused_linear(x_TK: Tensor, w_NK: Tensor, scales_N: Tensor | None) -> Tensor:
+def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None) -> Tensor:
     """`x @ W.T` as a multiply and a sum, which Inductor compiles into one loop over W; W may be a
-    batch of matrices (..., N, K), one per row of x (the chosen experts)."""
-    y = (x_TK.float().unsqueeze(-2) * w_NK.float()).sum(-1)  # (..., N)
-    return (y if scales_N is None else y * scales_N).to(x_TK.dtype)
+    batch of matrices (..., O, Z), one per row of x (the chosen experts)."""
+    y = (x_TZ.float().unsqueeze(-2) * w_OZ.float()).sum(-1)  # (..., O)
+    return (y if scales_O is None else y * scales_O).to(x_TZ.dtype)
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` for inference: weight (N, K) in fp32, bf16 or int8 (with scales), optional bias."""
+    """An `nn.Linear` for inference: weight (O, Z) in fp32, bf16 or int8 (with scales), optional bias."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
