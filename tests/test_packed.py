@@ -14,7 +14,13 @@ from moe import checkpoint as ckpt
 from moe.infer.engine import Engine, Request
 from moe.infer.sampling import SamplingParams, compile_decode_step, generate
 from moe.model.kv_cache import KVCache
-from moe.model.packed import PackedExperts, PackedLinear, pack_for_inference, packed_linear, quantize_int8
+from moe.model.packed import (
+    PackedExperts,
+    PackedLinear,
+    pack_for_inference,
+    packed_linear,
+    quantize_int8,
+)
 from moe.train.trainer import RunOptions, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
