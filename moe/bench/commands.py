@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import get_args, get_type_hints
 
 import torch
@@ -63,29 +64,21 @@ from .claims import claims
 from .plots import plot_decode, plot_experts, plot_speculative
 
 
-def precision_list(text: str) -> tuple[str, ...]:
-    precisions = tuple(text.split(","))
-    for precision in precisions:
-        if precision not in ("auto", *hardware.PRECISIONS):
-            raise argparse.ArgumentTypeError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
-    return precisions
+def comma_list(what: str, known) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: comma-separated names, each one of `known`."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        for name in names:
+            if name not in known:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r} (expected {', '.join(known)})")
+        return names
+
+    return parse
 
 
-def dtype_list(text: str) -> tuple[str, ...]:
-    dtypes = tuple(text.split(","))
-    for dtype in dtypes:
-        if dtype not in hardware.INFERENCE_DTYPES:
-            raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} (expected {', '.join(hardware.INFERENCE_DTYPES)})")
-    return dtypes
-
-
-def impl_list(text: str) -> tuple[str, ...]:
-    impls = tuple(text.split(","))
-    known = get_args(get_type_hints(ModelConfig)["expert_impl"])
-    for impl in impls:
-        if impl not in known:
-            raise argparse.ArgumentTypeError(f"unknown implementation {impl!r} (expected {', '.join(known)})")
-    return impls
+precision_list = comma_list("precision", ("auto", *hardware.PRECISIONS))
+dtype_list = comma_list("dtype", tuple(hardware.INFERENCE_DTYPES))
+impl_list = comma_list("implementation", get_args(get_type_hints(ModelConfig)["expert_impl"]))
 
 
 def build_parser() -> argparse.ArgumentParser:

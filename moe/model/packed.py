@@ -52,7 +52,7 @@ def fused(rows: int) -> bool:
 
 def packed_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None = None) -> Tensor:
     """`x @ W.T` for packed weights W (int8 ones with their scales), in x's dtype."""
-    if fused(x_TZ[..., 0].numel()):
+    if fused(x_TZ.numel() // x_TZ.shape[-1]):
         return _fused_linear(x_TZ, w_OZ, scales_O)
     return F.linear(x_TZ, dequantize(w_OZ, scales_O, x_TZ.dtype))
 
