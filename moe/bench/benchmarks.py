@@ -303,7 +303,8 @@ def quality(models: dict, variants: list[tuple[str, bool]], prompts: list[list[i
         for batch in batches:
             B, T = batch.inputs.shape
             cache = KVCache(model.cfg, B, capacity=T, device=device, dtype=act, int8=kv_int8)
-            out = model(batch.inputs.to(device), batch.targets.to(device), cache=cache)
+            images = None if batch.images is None else batch.images.to(device)  # a vision run's captions
+            out = model(batch.inputs.to(device), batch.targets.to(device), cache=cache, images=images)
             counted = int((batch.targets != -100).sum())
             loss, weight = loss + out.ce_loss.item() * counted, weight + counted
         rows.append({"weights": dtype, "kv_cache": "int8" if kv_int8 else dtype_name(act),
