@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-int8", action="store_true",
                         help="keep the KV cache in int8, one scale per token and head (3.6x smaller at head dim 32)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the one-token decode step (single prompts; ~20 s to compile on a "
-                             "CPU, then 4-8x faster per token: docs/benchmarks.md)")
+                        help="compile the one-token decode step ahead of time (AOTInductor; single prompts; "
+                             "~20-30 s to build on a CPU, then 5-10x faster per token: docs/benchmarks.md)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     return parser
 

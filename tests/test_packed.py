@@ -12,7 +12,7 @@ from torch import nn
 from moe import MoETransformer, load_config
 from moe import checkpoint as ckpt
 from moe.infer.engine import Engine, Request
-from moe.infer.sampling import SamplingParams, compile_decode_step, generate
+from moe.infer.sampling import ExportedDecodeStep, SamplingParams, compile_decode_step, generate
 from moe.model.kv_cache import KVCache
 from moe.model.packed import (
     PackedExperts,
@@ -110,6 +110,15 @@ def test_compiled_int8_step_with_int8_cache_matches_eager(model):
     assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager
 
 
+def test_the_exported_step_writes_what_eager_does(model):
+    packed = packed_copy(model, torch.int8)
+    step = ExportedDecodeStep(packed, kv_int8=True)  # torch.export + AOTInductor: a C++ runner
+    eager = list(generate(packed, [5, 6, 7], GREEDY, kv_int8=True))
+    assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager
+    with pytest.raises(ValueError, match="build it with the cache's kv_int8"):
+        list(generate(packed, [5, 6, 7], GREEDY, step))  # an fp32 cache: not what it was built for
+
+
 def test_a_compiled_step_checks_several_tokens_at_once(model):
     """As speculative decoding's verification does: 5 tokens, 10 (token, expert) rows, one graph."""
     torch._dynamo.reset()
@@ -155,7 +164,7 @@ def cli(script, *args):
 
 def test_generate_and_bench_take_int8(run_dir, tmp_path):
     proc = cli("generate.py", "--checkpoint", str(run_dir), "--prompt", "def", "--max-new-tokens", "5",
-               "--temperature", "0", "--dtype", "int8", "--kv-int8")
+               "--temperature", "0", "--dtype", "int8", "--kv-int8", "--compile")  # the exported step
     assert proc.returncode == 0 and proc.stdout.startswith("def"), proc.stderr
     out = tmp_path / "quality.json"
     proc = cli("bench.py", "quality", "--checkpoint", str(run_dir), "--dtype", "int8", "--kv-int8", "--prompts", "2",

@@ -12,7 +12,7 @@ from ..hardware import inference_dtype
 from ..tokenizer import EOT
 from .engine import Engine
 from .prompts import TextStream, prompt_with_images, read_prompt_file
-from .sampling import SamplingParams, compile_decode_step, generate
+from .sampling import ExportedDecodeStep, SamplingParams, generate
 from .speculative import SpeculativeStats, speculative_generate
 
 
@@ -36,7 +36,7 @@ def launch(args: argparse.Namespace) -> None:
             draft = load_draft_for_inference(args.draft_checkpoint, tokenizer, args.device, dtype, packed=True)
             tokens = speculative_generate(model, draft, prompt, params, args.speculate_k, stats, args.kv_int8)
         else:
-            decode_step = compile_decode_step(model) if args.compile else None
+            decode_step = ExportedDecodeStep(model, args.kv_int8) if args.compile else None
             tokens = generate(model, prompt, params, decode_step, images=images, kv_int8=args.kv_int8)
         stream = TextStream(tokenizer)
         print(args.prompt, end="", flush=True)  # the prompt was checked above, as `tokens` was made

@@ -6,7 +6,10 @@ Shape legend: B rows, T positions, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import tempfile
+import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -95,6 +98,52 @@ def compile_decode_step(model):
     """
     cpu = next(model.parameters()).device.type == "cpu"
     return torch.compile(model, fullgraph=True, dynamic=False, options={"cpp_wrapper": cpu})
+
+
+class ExportedDecodeStep:
+    """`generate`'s one-token step for one sequence over the whole context, compiled ahead of time.
+
+    `torch.export` traces the model's step (packed weights: `compile_decode_step` says why) over
+    the tensors of a KV cache, which it writes in place; AOTInductor compiles the graph, weights
+    included, into a C++ library, and each call is one call into it: no Dynamo guards and no
+    Python wrappers between the call and the kernels, which torch.compile's step pays on every
+    token (1.4x faster per step on this CPU, fp32 and int8 alike; ~20-30 s to build). Only what
+    `generate` needs: batch 1, T = 1, a cache of one slot at `model.cfg.max_seq_len` built as
+    `kv_int8` says; it returns the logits, not the routing statistics.
+    """
+
+    def __init__(self, model, kv_int8: bool = False):
+        self.dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        example = KVCache(model.cfg, slots=1, device=device, dtype=self.dtype, int8=kv_int8)
+        self.names = list(example.state())
+        tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            program = torch.export.export(_StepOverCache(model, self.names, self.dtype),
+                                          (tokens, *example.state().values()))
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # PyTorch's own, about its pytree internals
+            package = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/step.pt2")
+            self.runner = torch._inductor.aoti_load_package(package)
+
+    def __call__(self, tokens: Tensor, cache: KVCache, decode: bool = True) -> SimpleNamespace:
+        state = cache.state()
+        if list(state) != self.names or tokens.shape != (1, 1):
+            raise ValueError(f"this exported step takes one token and a cache of {', '.join(self.names)} "
+                             f"(build it with the cache's kv_int8); got {tuple(tokens.shape)} and {', '.join(state)}")
+        return SimpleNamespace(logits=self.runner(tokens, *state.values()))
+
+
+class _StepOverCache(torch.nn.Module):
+    """The model's decode step as a function of tensors only, for `torch.export`."""
+
+    def __init__(self, model, names: list[str], dtype: torch.dtype):
+        super().__init__()
+        self.model, self.names, self.dtype = model, names, dtype
+
+    def forward(self, tokens: Tensor, *state: Tensor) -> Tensor:
+        cache = KVCache.from_state(dict(zip(self.names, state)), self.dtype)
+        return self.model(tokens, cache=cache, decode=True).logits
 
 
 def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,

@@ -48,10 +48,25 @@ class KVCache:
             media_shape = (slots, cfg.vision.max_images, cfg.vision.n_latents, cfg.d_model)
             self.media_SMLD = torch.zeros(media_shape, device=device, dtype=dtype)
 
+    STATE = ("k_NSGXDh", "v_NSGXDh", "k_scale_NSGX", "v_scale_NSGX", "lengths", "images_seen", "media_SMLD")
+
+    def state(self) -> dict[str, Tensor]:
+        """Every tensor the cache holds, by name (a graph exported over a cache takes these)."""
+        return {name: getattr(self, name) for name in self.STATE if getattr(self, name) is not None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], dtype: torch.dtype) -> KVCache:
+        """A cache over these tensors (`state()`'s), reading in `dtype`, sharing them: writes through
+        it land in them."""
+        cache = cls.__new__(cls)
+        for name in cls.STATE:
+            setattr(cache, name, state.get(name))
+        cache.capacity, cache.dtype = cache.k_NSGXDh.shape[3], dtype
+        return cache
+
     @property
     def nbytes(self) -> int:
-        parts = (self.k_NSGXDh, self.v_NSGXDh, self.k_scale_NSGX, self.v_scale_NSGX, self.media_SMLD)
-        return sum(t.nbytes for t in parts if t is not None)
+        return sum(t.nbytes for name, t in self.state().items() if name not in ("lengths", "images_seen"))
 
     @property
     def int8(self) -> bool:
