@@ -12,7 +12,12 @@ from torch import nn
 from moe import MoETransformer, load_config
 from moe import checkpoint as ckpt
 from moe.infer.engine import Engine, Request
-from moe.infer.sampling import ExportedDecodeStep, SamplingParams, compile_decode_step, generate
+from moe.infer.sampling import (
+    ExportedDecodeStep,
+    SamplingParams,
+    compile_decode_step,
+    generate,
+)
 from moe.model.kv_cache import KVCache
 from moe.model.packed import (
     PackedExperts,

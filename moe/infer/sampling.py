@@ -5,15 +5,15 @@ Shape legend: B rows, T positions, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
+from ..model import ModelOutput
 from ..model.kv_cache import KVCache
 
 
@@ -126,12 +126,12 @@ class ExportedDecodeStep:
             package = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/step.pt2")
             self.runner = torch._inductor.aoti_load_package(package)
 
-    def __call__(self, tokens: Tensor, cache: KVCache, decode: bool = True) -> SimpleNamespace:
+    def __call__(self, tokens: Tensor, cache: KVCache, decode: bool = True) -> ModelOutput:
         state = cache.state()
         if list(state) != self.names or tokens.shape != (1, 1):
             raise ValueError(f"this exported step takes one token and a cache of {', '.join(self.names)} "
                              f"(build it with the cache's kv_int8); got {tuple(tokens.shape)} and {', '.join(state)}")
-        return SimpleNamespace(logits=self.runner(tokens, *state.values()))
+        return ModelOutput(self.runner(tokens, *state.values()), None, None, None, None, [])
 
 
 class _StepOverCache(torch.nn.Module):
