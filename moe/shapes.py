@@ -1,6 +1,6 @@
 """The shape letters, one legend for the whole package.
 
-A tensor's name ends in its shape: `x_BTD` is (batch, time, model width), `k_NSGXDh` a KV
+A tensor's name ends in its shape: `x_BTD` is (batch, time, model width), `k_SGXDh` one layer of a KV
 cache's keys. Each letter below has one meaning everywhere; `tests/test_layout.py` checks that
 every shape suffix in the package is spelled from this table.
 """

@@ -125,7 +125,7 @@ def test_generation_in_bf16_stores_weights_and_cache_in_bf16(cache_dir, tmp_path
         cache = KVCache(model.cfg, slots=2, device=CPU, dtype=torch.bfloat16)
         steps = [model(tokens[:, :6], cache=cache, decode=True).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache, decode=True).logits for t in range(6, 10)]
-    assert full.dtype == cache.k_NSGXDh.dtype == torch.bfloat16
+    assert full.dtype == cache.k_SGXDh[0].dtype == torch.bfloat16
     # cached decoding rounds in another order than the full forward: equal within bf16's precision
     torch.testing.assert_close(torch.cat(steps, dim=1).float(), full.float(), **BF16_TOLERANCE)
     tokens = list(generate(model, [1, 2, 3], SamplingParams(max_new_tokens=12, temperature=0)))

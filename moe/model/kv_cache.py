@@ -1,10 +1,12 @@
 """A preallocated key/value cache: prefill a prompt in one pass, then decode a token at a time.
 
-Shape letters (moe/shapes.py): N layers, S slots (sequences the cache holds), G key/value heads,
+Shape letters (moe/shapes.py): S slots (sequences the cache holds), G key/value heads,
 X capacity (positions per slot), Dh head dim, B rows of the current forward, T new tokens per row,
 M images per sequence, L visual tokens per image.
 
-Keys and values are kept with G = n_kv_heads heads only: under multi-query attention (G = 1)
+Keys and values are kept per layer, one tensor each (so a compiled step writes each in place:
+views of one stacked tensor would be functionalised into a copy of the whole cache every step),
+with G = n_kv_heads heads only: under multi-query attention (G = 1)
 the cache is n_heads times smaller than multi-head attention's. Each slot has its own length,
 so sequences of different lengths share one cache (continuous batching), and shortening a
 length is all it takes to roll a slot back (speculative decoding): entries past a slot's
@@ -35,12 +37,13 @@ class KVCache:
         self.capacity = capacity or cfg.max_seq_len
         if self.capacity > cfg.max_seq_len:
             raise ValueError(f"cache capacity {self.capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
-        shape = (cfg.n_layers, slots, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        shape = (slots, cfg.n_kv_heads, self.capacity, cfg.head_dim)
         self.dtype = dtype
-        self.k_NSGXDh = torch.zeros(shape, device=device, dtype=torch.int8 if int8 else dtype)
-        self.v_NSGXDh = torch.zeros_like(self.k_NSGXDh)
-        self.k_scale_NSGX = torch.zeros(shape[:-1], device=device) if int8 else None  # int8 only
-        self.v_scale_NSGX = torch.zeros(shape[:-1], device=device) if int8 else None
+        layers = range(cfg.n_layers)
+        self.k_SGXDh = [torch.zeros(shape, device=device, dtype=torch.int8 if int8 else dtype) for _ in layers]
+        self.v_SGXDh = [torch.zeros_like(k) for k in self.k_SGXDh]
+        self.k_scale_SGX = [torch.zeros(shape[:-1], device=device) for _ in layers] if int8 else None  # int8 only
+        self.v_scale_SGX = [torch.zeros(shape[:-1], device=device) for _ in layers] if int8 else None
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held per slot
         self.images_seen = torch.zeros(slots, dtype=torch.long, device=device)  # images held per slot
         self.media_SMLD = None
@@ -48,20 +51,24 @@ class KVCache:
             media_shape = (slots, cfg.vision.max_images, cfg.vision.n_latents, cfg.d_model)
             self.media_SMLD = torch.zeros(media_shape, device=device, dtype=dtype)
 
-    STATE = ("k_NSGXDh", "v_NSGXDh", "k_scale_NSGX", "v_scale_NSGX", "lengths", "images_seen", "media_SMLD")
+    PER_LAYER = ("k_SGXDh", "v_SGXDh", "k_scale_SGX", "v_scale_SGX")  # lists, one tensor per layer
+    SHARED = ("lengths", "images_seen", "media_SMLD")
 
     def state(self) -> dict[str, Tensor]:
         """Every tensor the cache holds, by name (a graph exported over a cache takes these)."""
-        return {name: getattr(self, name) for name in self.STATE if getattr(self, name) is not None}
+        state = {f"{name}.{i}": t for name in self.PER_LAYER for i, t in enumerate(getattr(self, name) or ())}
+        return state | {name: getattr(self, name) for name in self.SHARED if getattr(self, name) is not None}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], dtype: torch.dtype) -> KVCache:
         """A cache over these tensors (`state()`'s), reading in `dtype`, sharing them: writes through
         it land in them."""
         cache = cls.__new__(cls)
-        for name in cls.STATE:
+        for name in cls.PER_LAYER:
+            setattr(cache, name, [t for key, t in state.items() if key.rpartition(".")[0] == name] or None)
+        for name in cls.SHARED:
             setattr(cache, name, state.get(name))
-        cache.capacity, cache.dtype = cache.k_NSGXDh.shape[3], dtype
+        cache.capacity, cache.dtype = cache.k_SGXDh[0].shape[2], dtype
         return cache
 
     @property
@@ -70,7 +77,7 @@ class KVCache:
 
     @property
     def int8(self) -> bool:
-        return self.k_scale_NSGX is not None
+        return self.k_scale_SGX is not None
 
     def reset(self, slot: int) -> None:
         """Empty a slot for a new sequence."""
@@ -131,8 +138,8 @@ class CacheStep(NamedTuple):
         rows_BT = (torch.arange(B, device=k_BGTDh.device) if self.rows is None else self.rows)[:, None].expand(B, T)
         cache = self.cache
         read = []
-        for new_BGTDh, values, scales in ((k_BGTDh, cache.k_NSGXDh[layer], cache.k_scale_NSGX),
-                                          (v_BGTDh, cache.v_NSGXDh[layer], cache.v_scale_NSGX)):
+        for new_BGTDh, values, scales in ((k_BGTDh, cache.k_SGXDh[layer], cache.k_scale_SGX),
+                                          (v_BGTDh, cache.v_SGXDh[layer], cache.v_scale_SGX)):
             new_BTGDh = new_BGTDh.transpose(1, 2)  # (S, G, X, Dh) indexed by (B, T) gives (B, T, G, Dh)
             if scales is None:
                 values[rows_BT, :, self.positions_BT] = new_BTGDh.to(values.dtype)
