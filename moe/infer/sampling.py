@@ -113,7 +113,7 @@ class ExportedDecodeStep:
     """
 
     def __init__(self, model, kv_int8: bool = False):
-        self.dtype = next(model.parameters()).dtype
+        self.dtype, self.kv_int8 = next(model.parameters()).dtype, kv_int8
         device = next(model.parameters()).device
         example = KVCache(model.cfg, slots=1, device=device, dtype=self.dtype, int8=kv_int8)
         self.names = list(example.state())
@@ -127,11 +127,10 @@ class ExportedDecodeStep:
             self.runner = torch._inductor.aoti_load_package(package)
 
     def __call__(self, tokens: Tensor, cache: KVCache, decode: bool = True) -> ModelOutput:
-        state = cache.state()
-        if list(state) != self.names or tokens.shape != (1, 1):
-            raise ValueError(f"this exported step takes one token and a cache of {', '.join(self.names)} "
-                             f"(build it with the cache's kv_int8); got {tuple(tokens.shape)} and {', '.join(state)}")
-        return ModelOutput(self.runner(tokens, *state.values()), None, None, None, None, [])
+        if cache.int8 != self.kv_int8 or tokens.shape != (1, 1):
+            raise ValueError(f"this exported step takes one token (got {tuple(tokens.shape)}) and a cache with "
+                             f"kv_int8={self.kv_int8} (got {cache.int8}): build it with the cache's kv_int8")
+        return ModelOutput(self.runner(tokens, *cache.state().values()), None, None, None, None, [])
 
 
 class _StepOverCache(torch.nn.Module):
