@@ -113,14 +113,12 @@ class ExportedDecodeStep:
     """
 
     def __init__(self, model, kv_int8: bool = False):
-        self.dtype, self.kv_int8 = next(model.parameters()).dtype, kv_int8
-        device = next(model.parameters()).device
-        example = KVCache(model.cfg, slots=1, device=device, dtype=self.dtype, int8=kv_int8)
-        self.names = list(example.state())
+        self.kv_int8 = kv_int8
+        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+        example = KVCache(model.cfg, slots=1, device=device, dtype=dtype, int8=kv_int8).state()
         tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
         with torch.no_grad():
-            program = torch.export.export(_StepOverCache(model, self.names, self.dtype),
-                                          (tokens, *example.state().values()))
+            program = torch.export.export(_StepOverCache(model, list(example), dtype), (tokens, *example.values()))
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # PyTorch's own, about its pytree internals
             package = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/step.pt2")

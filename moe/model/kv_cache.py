@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from .packed import quantize_int8
+from .packed import dequantize, quantize_int8
 
 
 class KVCache:
@@ -152,7 +152,5 @@ class CacheStep(NamedTuple):
     def _read(self, values_SGXDh: Tensor, scales_SGX: Tensor | None) -> Tensor:
         """(B, G, span, Dh): the rows' slots up to `span`, in the cache's dtype."""
         rows = slice(None) if self.rows is None else self.rows
-        values = values_SGXDh[rows, :, : self.span]
-        if scales_SGX is None:
-            return values
-        return (values.float() * scales_SGX[rows, :, : self.span, None]).to(self.cache.dtype)
+        scales = None if scales_SGX is None else scales_SGX[rows, :, : self.span]
+        return dequantize(values_SGXDh[rows, :, : self.span], scales, self.cache.dtype)
