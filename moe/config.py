@@ -193,15 +193,22 @@ class TrainConfig:
     # layer's experts over groups of N ranks (tokens travel by all_to_all), with `ddp` only.
     parallel: Literal["ddp", "zero1", "fsdp"] = "ddp"
     expert_parallel: int = 1
+    # Tensor and pipeline parallelism (docs/distributed.md): the processes form one DeviceMesh of
+    # dp x pp x tp, dp = processes / (pp * tp) data-parallel replicas laid out by `parallel`.
+    tp: int = 1  # query heads, FFN hidden units and experts divided among tp ranks (Megatron-style)
+    pp: int = 1  # pipeline stages of whole blocks, one per rank (two with pp_schedule = interleaved)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    pp_microbatches: int = 4  # pipeline micro-batches each micro_batch_size sequences are cut into
+    pp_first_stage_layers: int = 0  # blocks on the first (embedding) stage; 0: split evenly
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "batch_size_start", "micro_batch_size", "log_every",
                      "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "expert_parallel",
-                     "max_bad_steps"):
+                     "max_bad_steps", "tp", "pp", "pp_microbatches"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name}={value}: must be a positive integer")
-        for name in ("ramp_tokens", "warmup_steps", "sample_tokens", "encoder_hold_steps"):
+        for name in ("ramp_tokens", "warmup_steps", "sample_tokens", "encoder_hold_steps", "pp_first_stage_layers"):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name}={value}: must be >= 0")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "gate_lr_scale"):
@@ -216,6 +223,22 @@ class TrainConfig:
                  f"(got {self.parallel!r})")
         _require(self.batch_size_start <= self.batch_size,
                  f"train.batch_size_start={self.batch_size_start} exceeds train.batch_size={self.batch_size}")
+        if self.tp > 1 or self.pp > 1:
+            _require(self.expert_parallel == 1,
+                     f"train.expert_parallel={self.expert_parallel} combines with data parallelism only: under "
+                     f"train.tp the experts are already divided among the tensor-parallel ranks")
+        _require(self.tp == 1 or self.parallel != "zero1",
+                 f"train.parallel='zero1' does not combine with train.tp={self.tp} (ZeroRedundancyOptimizer "
+                 f"cannot broadcast DTensor weights): use train.parallel='fsdp', which shards the optimizer state too")
+        if self.pp > 1:
+            _require(self.micro_batch_size % self.pp_microbatches == 0,
+                     f"train.pp_microbatches={self.pp_microbatches} does not divide "
+                     f"train.micro_batch_size={self.micro_batch_size}")
+
+    @property
+    def pp_stages(self) -> int:
+        """Pipeline stages in all: two per rank for the interleaved schedule."""
+        return self.pp * (2 if self.pp_schedule == "interleaved" and self.pp > 1 else 1)
 
 
 @dataclass
@@ -225,6 +248,37 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        """What the training layout asks of the model's shape."""
+        model, train = self.model, self.train
+        tp, stages = train.tp, train.pp_stages
+        check_tensor_parallel(model, tp, "train.tp")
+        if tp > 1 or train.pp > 1:
+            _require(model.vision is None, "train.tp and train.pp split the text model only: train a vision "
+                     "model with data parallelism (train.parallel)")
+        if train.pp > 1:
+            _require(stages <= model.n_layers, f"train.pp={train.pp} makes {stages} pipeline stages "
+                     f"(schedule {train.pp_schedule}) for model.n_layers={model.n_layers}: at most one per layer")
+            _require(not model.tie_embeddings, "train.pp: model.tie_embeddings would share the first stage's "
+                     "embedding with the last stage's head; untie them")
+            first = train.pp_first_stage_layers
+            _require(first <= model.n_layers - (stages - 1),
+                     f"train.pp_first_stage_layers={first} leaves fewer than one layer for each of the other "
+                     f"{stages - 1} stages of model.n_layers={model.n_layers}")
+
+
+def check_tensor_parallel(model: ModelConfig, tp: int, key: str) -> None:
+    """That the model's layers divide among tp ranks (`model.tensor_parallel`)."""
+    if tp == 1:
+        return
+    _require(model.n_heads % tp == 0, f"{key}={tp} does not divide model.n_heads={model.n_heads}")
+    _require(model.n_kv_heads == 1 or model.n_kv_heads % tp == 0,
+             f"{key}={tp} does not divide model.n_kv_heads={model.n_kv_heads} (a single key/value "
+             f"head is replicated; several are divided)")
+    _require(model.d_ff % tp == 0, f"{key}={tp} does not divide model.d_ff={model.d_ff}")
+    _require(model.n_experts == 1 or model.n_experts % tp == 0,
+             f"{key}={tp} does not divide model.n_experts={model.n_experts}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 from moe import MoE, load_config
+from moe.config import TrainConfig
 from moe.train.distributed import expert_slice, init, shard_experts
 
-world, _ = init(torch.device("cpu"), expert_parallel=2)
+world, _ = init(torch.device("cpu"), TrainConfig(expert_parallel=2))
 cfg = load_config("tiny").model
 torch.manual_seed(0)
 layer, whole = MoE(cfg), MoE(cfg)

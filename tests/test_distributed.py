@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe import checkpoint as ckpt
+from moe.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one thread a process: 2 cores
@@ -84,7 +86,84 @@ def test_a_single_process_checkpoint_resumes_under_torchrun(cache_dir, tmp_path)
     assert ckpt.latest_checkpoint(run).name == "step-0000004"
 
 
+# ---- tensor and pipeline parallelism (one DeviceMesh of dp x pp x tp) ----------------------------
+
+PIPELINE = ["--train.pp=2", "--train.micro_batch_size=4", "--train.pp_microbatches=2"]  # micro-batches of 2, as `single`'s
+
+
+def test_tensor_parallel_losses_equal_the_single_process_run(cache_dir, single, tmp_path):
+    train(*flags(cache_dir, 5), "--train.tp=2", "--out", str(tmp_path / "tp"), procs=2)
+    assert losses(tmp_path / "tp") == pytest.approx(losses(single)[:5], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single4(cache_dir, tmp_path_factory):
+    """The reference for 4-layer pipelines: one process, 5 steps."""
+    run = tmp_path_factory.mktemp("single4") / "run"
+    train(*flags(cache_dir, 5), "--model.n_layers=4", "--out", str(run))
+    return run
+
+
+@pytest.mark.parametrize("layout", [
+    ["--train.pp_schedule=gpipe"],
+    ["--train.pp_schedule=1f1b", "--model.n_layers=4", "--train.pp_first_stage_layers=1"],  # 1 + 3 blocks
+    ["--train.pp_schedule=interleaved", "--model.n_layers=4"],  # 2 stages a rank: blocks 0, 2 | 1, 3
+], ids=["gpipe", "1f1b-uneven", "interleaved"])
+def test_pipeline_losses_equal_the_single_process_run(cache_dir, single, single4, tmp_path, layout):
+    train(*flags(cache_dir, 5), *PIPELINE, *layout, "--out", str(tmp_path / "pp"), procs=2)
+    reference = single4 if "--model.n_layers=4" in layout else single
+    assert losses(tmp_path / "pp") == pytest.approx(losses(reference)[:5], abs=1e-5)
+
+
+def test_data_parallel_over_tensor_parallel(cache_dir, single, tmp_path):
+    train(*flags(cache_dir, 5), "--train.tp=2", "--out", str(tmp_path / "dp_tp"), procs=4)  # dp=2 x tp=2
+    assert losses(tmp_path / "dp_tp") == pytest.approx(losses(single)[:5], abs=1e-5)
+
+
+def test_a_tp_x_pp_checkpoint_resumes_in_one_process_and_the_reverse(cache_dir, single, tmp_path):
+    mesh = ["--train.tp=2", *PIPELINE]
+    one = ["--train.tp=1", "--train.pp=1", "--train.micro_batch_size=2"]
+    there, back = tmp_path / "there", tmp_path / "back"
+    train(*flags(cache_dir, 3), *mesh, "--out", str(there), procs=4)  # tp=2 x pp=2
+    train("--out", str(there), "--resume", "--train.max_steps=5", *one, "--quiet")
+    train(*flags(cache_dir, 3), "--out", str(back))
+    train("--out", str(back), "--resume", "--train.max_steps=5", *mesh, "--quiet", procs=4)
+    for run in (there, back):
+        assert losses(run) == pytest.approx(losses(single)[:5], abs=1e-5)
+        assert ckpt.load_for_inference(run)[0].blocks[1].ffn.experts.w1.shape[0] == 16  # whole
+
+
+def test_generate_under_torchrun_with_tp_equals_one_process(single):
+    def generate(procs, *sampling):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+        proc = subprocess.run([*launcher, "generate.py", "--checkpoint", str(single), "--prompt", "def",
+                               "--max-new-tokens", "24", *sampling], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    text = generate(1, "--temperature", "0")
+    assert len(text) > 10 and generate(2, "--temperature", "0") == text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.tp=3"], "train.tp=3 does not divide model.n_heads=4"),
+    (["train.tp=2", "model.d_ff=63"], "train.tp=2 does not divide model.d_ff=63"),
+    (["train.tp=4", "model.n_kv_heads=2"], "train.tp=4 does not divide model.n_kv_heads=2"),
+    (["train.pp=3", "train.pp_microbatches=2"], "train.pp=3 makes 3 pipeline stages (schedule 1f1b) for model.n_layers=2"),
+    (["train.pp=2", "train.pp_microbatches=2", "train.pp_first_stage_layers=2"],
+     "train.pp_first_stage_layers=2 leaves fewer than one layer for each of the other 1 stages"),
+    (["train.pp=2", "train.pp_microbatches=3"], "train.pp_microbatches=3 does not divide train.micro_batch_size=8"),
+    (["train.tp=2", "train.parallel=zero1"], "train.parallel='zero1' does not combine with train.tp=2"),
+    (["train.tp=2", "train.expert_parallel=2"], "train.expert_parallel=2 combines with data parallelism only"),
+])
+def test_bad_layouts_are_one_line_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", overrides)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--train.tp=2"], "train.tp=2 needs that many processes: run under torchrun --nproc_per_node 2"),
     (["--train.expert_parallel=2"], "train.expert_parallel=2 needs that many processes: run under torchrun"),
     (["--train.expert_parallel=2", "--train.parallel=fsdp"], "combines with train.parallel='ddp' only"),
     (["--train.parallel=zero2"], "train.parallel='zero2'"),

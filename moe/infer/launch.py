@@ -4,11 +4,20 @@ or a prompt file served by continuous batching. What `generate.py` calls."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
 from ..checkpoint import load_draft_for_inference, load_for_inference
+from ..config import ConfigError, check_tensor_parallel
 from ..hardware import inference_dtype
+from ..model.tensor_parallel import join_process_group, parallelize
 from ..tokenizer import EOT
 from .engine import Engine
 from .prompts import TextStream, prompt_with_images, read_prompt_file
@@ -17,9 +26,43 @@ from .speculative import SpeculativeStats, speculative_generate
 
 
 def launch(args: argparse.Namespace) -> None:
-    """Print the generated text, then a one-line report (requests, tokens, tokens/s) on stderr."""
+    """Print the generated text, then a one-line report (requests, tokens, tokens/s) on stderr;
+    under torchrun, the model's layers divided among the processes (tensor parallelism), rank 0
+    printing for all."""
     dtype = inference_dtype(args.dtype, args.device)
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp > 1:
+        launch_tensor_parallel(args, dtype, tp)
+        return
     model, tokenizer = load_for_inference(args.checkpoint, args.device, dtype, packed=True)
+    run(args, model, tokenizer)
+
+
+def launch_tensor_parallel(args: argparse.Namespace, dtype: torch.dtype, tp: int) -> None:
+    """One prompt, its model divided among the torchrun processes as gpt-fast does: every rank
+    runs the same generation on its share of each layer; greedy output is one process's."""
+    for flag, given in (("--prompt-file", args.prompt_file), ("--draft-checkpoint", args.draft_checkpoint),
+                        ("--compile", args.compile), ("--kv-int8", args.kv_int8), ("--dtype int8", dtype == torch.int8)):
+        if given:
+            raise ConfigError(f"{flag} does not combine with tensor parallelism (generate.py under torchrun) yet")
+    device = join_process_group(torch.device(args.device))
+    try:
+        model, tokenizer = load_for_inference(args.checkpoint, device, dtype)
+        check_tensor_parallel(model.cfg, tp, "torchrun --nproc_per_node")
+        if model.cfg.n_kv_heads > 1:
+            raise ConfigError(f"generate.py under torchrun divides multi-query models only (the checkpoint has "
+                              f"model.n_kv_heads={model.cfg.n_kv_heads}, whose cache would be divided too)")
+        parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
+        quiet = io.StringIO()  # rank 0 speaks for all
+        with contextlib.nullcontext() if dist.get_rank() == 0 else contextlib.redirect_stdout(quiet), \
+                contextlib.nullcontext() if dist.get_rank() == 0 else contextlib.redirect_stderr(quiet):
+            run(args, model, tokenizer)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, model, tokenizer) -> None:
+    dtype = inference_dtype(args.dtype, args.device)
     eot = tokenizer.token_to_id(EOT)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (eot,), args.seed)
     started, built = time.perf_counter(), ""

@@ -5,6 +5,7 @@
     experts, dispatch, moe_layer    the experts, taking tokens to them and back, the MoE layer
     vision                          the Flamingo-style branch
     packed                          weights laid out for inference (fp32, bf16, int8) and fast decoding
+    tensor_parallel                 every layer divided among the ranks of a DeviceMesh (Megatron-style)
     params                          what each parameter is (init, counts, freezing, groups)
     transformer                     the whole model
 """

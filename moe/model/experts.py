@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .routing import Routing
 
@@ -55,12 +56,13 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x_AD.device.type):
             dtype = torch.get_autocast_dtype(x_AD.device.type)
         x_AD, gates_A = x_AD.to(dtype), gates_A.to(dtype)
+        w1, w3, w2 = self.local_weights()
         if self.resolved_impl(x_AD) == "grouped_mm":
-            w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))  # one kernel takes them all
+            w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))  # one kernel takes them all
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF = F.silu(_grouped_mm(x_AD, w1, offs=offs_E)) * _grouped_mm(x_AD, w3, offs=offs_E)
             return _grouped_mm(h_AF, w2, offs=offs_E) * gates_A[:, None]
-        return _SplitSwiGLU.apply(x_AD, gates_A, self.w1, self.w3, self.w2, counts_E.tolist())
+        return _SplitSwiGLU.apply(x_AD, gates_A, w1, w3, w2, counts_E.tolist())
 
     def expert(self, e: int, x_TD: Tensor) -> Tensor:
         """Expert e alone on a few rows: `w2(silu(w1 x) * w3 x)` (the reference and decode use it)."""
@@ -73,9 +75,18 @@ class Experts(nn.Module):
         h_TKF = F.silu(torch.einsum("td,tkdf->tkf", x_TD, w1)) * torch.einsum("td,tkdf->tkf", x_TD, w3)
         return torch.einsum("tkf,tkfd->tkd", h_TKF, w2)
 
+    def local_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """w1, w3, w2 as this process holds them: its share of the experts under tensor parallelism
+        (`tensor_parallel.parallelize` makes them DTensors sharded along E), else all of them."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+
     @property
     def n_experts(self) -> int:
         return self.w1.shape[0]
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.local_weights()[0].shape[0]
 
     def resolved_impl(self, x: Tensor) -> str:
         """`auto`: grouped_mm for bf16 (CUDA sm80+: one kernel, no host sync; a CPU: measured 8 %

@@ -16,6 +16,13 @@ over groups of N consecutive ranks: rank j of a group holds experts j*E/N .. (j+
 tokens travel to their experts and back by all_to_all (`dispatch.AllToAllDispatcher`). Every other parameter is
 replicated; gradients are summed by hand (experts over the ranks that hold the same experts).
 
+`train.tp = T` and `train.pp = P` lay the processes out on one DeviceMesh of dp x pp x tp
+(tp fastest: a tensor-parallel group sits on one machine): the model's layers divided among
+the tp ranks (`model.tensor_parallel`), its blocks cut into P pipeline stages (`pipeline`), and
+dp = W / (P * T) data-parallel replicas of that, laid out by `train.parallel` on the dp mesh
+dimension: `ddp` as FSDP2's replicate (DDP that understands DTensor weights), `zero1` as DDP with
+ZeroRedundancyOptimizer over the dp group (pipeline only), `fsdp` as FSDP2 over the dp group.
+
 Checkpoints are always whole: the full model and the full optimizer state keyed by parameter
 name, written once by rank 0, so a checkpoint from any layout and any number of ranks resumes
 in any other (and in a single process).
@@ -23,17 +30,22 @@ in any other (and in a single process).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
-from ..config import ConfigError
-from ..model import MoE
+from ..config import Config, ConfigError, TrainConfig
+from ..model import MoE, MoETransformer
 from ..model.dispatch import AllToAllDispatcher
 from ..model.params import Kind, param_kind
+from ..model.tensor_parallel import join_process_group, parallelize
+from .pipeline import Pipeline
 
 
 @dataclass
@@ -46,10 +58,26 @@ class World:
     device: torch.device = torch.device("cpu")  # where collectives' tensors live (CUDA under nccl)
     ep_group: dist.ProcessGroup | None = None  # the ranks that split the experts between them
     replica_group: dist.ProcessGroup | None = None  # the ranks that hold the same experts
+    mesh: DeviceMesh | None = None  # ("dp", "pp", "tp") under tensor or pipeline parallelism
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    def degree(self, dim: str) -> int:
+        return self.mesh[dim].size() if self.mesh is not None else (self.size if dim == "dp" else 1)
+
+    def coordinate(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else (self.rank if dim == "dp" else 0)
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group along one mesh dimension (None: all ranks, when there is no mesh)."""
+        return self.mesh[dim].get_group() if self.mesh is not None else None
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether rank 0 holds the whole model, as one process would (it can sample from it)."""
+        return self.mesh is None and self.expert_parallel == 1
 
     @property
     def is_main(self) -> bool:
@@ -60,21 +88,27 @@ class World:
             dist.barrier()
 
 
-def init(device: torch.device, expert_parallel: int = 1) -> tuple[World, torch.device]:
-    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU); a plain run stays alone."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+def init(device: torch.device, cfg: TrainConfig | None = None) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU) and lay the ranks out
+    as `cfg` asks; a plain run stays alone."""
+    cfg = cfg or TrainConfig()
+    expert_parallel, size = cfg.expert_parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    needs = {"train.expert_parallel": expert_parallel, "train.tp": cfg.tp, "train.pp": cfg.pp}
     if size == 1:
-        if expert_parallel != 1:
-            raise ConfigError(f"train.expert_parallel={expert_parallel} needs that many processes: "
-                              f"run under torchrun --nproc_per_node {expert_parallel}")
+        for key, n in needs.items():
+            if n != 1:
+                raise ConfigError(f"{key}={n} needs that many processes: run under torchrun --nproc_per_node "
+                                  f"{cfg.tp * cfg.pp * expert_parallel} (or pass --{key}=1)")
         return World(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = join_process_group(device)
     rank, size = dist.get_rank(), dist.get_world_size()
     world = World(rank, size, expert_parallel, device)
+    if cfg.tp > 1 or cfg.pp > 1:
+        if size % (cfg.tp * cfg.pp):
+            raise ConfigError(f"train.tp={cfg.tp} x train.pp={cfg.pp} = {cfg.tp * cfg.pp} does not divide "
+                              f"the {size} processes")
+        world.mesh = init_device_mesh(device.type, (size // (cfg.tp * cfg.pp), cfg.pp, cfg.tp),
+                                      mesh_dim_names=("dp", "pp", "tp"))
     if expert_parallel > 1:
         if size % expert_parallel:
             raise ConfigError(f"train.expert_parallel={expert_parallel} does not divide the {size} processes")
@@ -140,6 +174,72 @@ def wrap(model: nn.Module, world: World, parallel: str, device: torch.device) ->
                                    find_unused_parameters=getattr(model, "vision", None) is not None)
 
 
+def lay_out(model: MoETransformer, world: World, config: Config, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> tuple[nn.Module | None, Pipeline | None]:
+    """Tensor and pipeline parallelism, then data parallelism over the dp ranks, in place:
+    (the module a training step calls, None under pp; the pipeline, None without pp). `dtype`:
+    what the matmuls compute in (the logits' dtype)."""
+    cfg, mesh = config.train, world.mesh
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if cfg.tp > 1:
+            parallelize(module, mesh["tp"])
+        return data_parallel(module, world, cfg.parallel)
+
+    if cfg.pp > 1:
+        return None, Pipeline(model, config, world.group("pp"), device, wrap, dtype)
+    return wrap(model), None
+
+
+def data_parallel(module: nn.Module, world: World, parallel: str) -> nn.Module:
+    """`module` replicated (ddp, zero1) or sharded (fsdp) over the dp ranks of the mesh; gradients
+    averaged over them in the backward pass."""
+    dp = world.mesh["dp"]
+    if dp.size() == 1:
+        return module
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks
+        for block in blocks:
+            fully_shard(block, mesh=dp)
+        return fully_shard(module, mesh=dp)
+    if parallel == "zero1":  # plain weights (no tp): DDP, whose weights ZeroRedundancyOptimizer can broadcast
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, process_group=dp.get_group())
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    return replicate(module, mesh=dp)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, world: World) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over weights laid out over the ranks: the norm of the whole
+    model's gradient, the same on every rank. A piece a rank holds is counted once however many
+    ranks hold a copy of it: each stage's weights live on W / pp ranks, in as many distinct
+    shards as its placements (or expert parallelism) make."""
+    if world.mesh is None and world.expert_parallel == 1:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    holders = world.size // world.degree("pp")
+    square, grads = torch.zeros((), dtype=torch.float64, device=world.device), []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        grad, shards = p.grad, 1
+        if isinstance(grad, DTensor):
+            shards = math.prod(grad.device_mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
+            grad = grad.to_local()
+        elif is_expert(name):
+            shards = world.expert_parallel
+        square += grad.double().square().sum() * shards / holders
+        grads.append(grad)
+    dist.all_reduce(square)
+    norm = square.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype)) if grads else None
+    return norm
+
+
 def sync_gradients(model: nn.Module, world: World) -> None:
     """Expert parallelism's gradient average over all W ranks: the all_to_all backward already
     summed each expert's gradient over its group; the replicas of the same experts add theirs."""
@@ -159,7 +259,11 @@ def make_optimizer(groups: list[dict], world: World, parallel: str, **kwargs) ->
     if world.distributed and parallel == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=world.group("dp"),
+                                       **kwargs)
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for group in groups for p in group["params"]}
+    if len(meshes) > 1:  # the multi-tensor kernels take plain tensors, or DTensors on one mesh, not a mix
+        return torch.optim.AdamW(groups, foreach=False, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except RuntimeError:  # no fused kernel for this device or PyTorch
@@ -185,11 +289,12 @@ def any_rank(flag: bool, world: World) -> bool:
 
 
 def total(tensors: list[torch.Tensor], world: World) -> list[torch.Tensor]:
-    """Each tensor summed over the ranks (counts: tokens per expert, drops)."""
+    """Each tensor summed over the data-parallel ranks (counts: tokens per expert, drops; the tp
+    and pp ranks of one replica hold the same counts)."""
     if not world.distributed or not tensors:
         return tensors
     stacked = torch.stack([torch.as_tensor(t).to(world.device, torch.float64) for t in tensors])
-    dist.all_reduce(stacked)
+    dist.all_reduce(stacked, group=world.group("dp"))
     return [t.to(torch.long) for t in stacked]
 
 
@@ -231,20 +336,37 @@ def _like(t, param: torch.Tensor):
 
 def full_model_state(model: nn.Module, world: World) -> dict:
     """Every weight, whole, on CPU (every rank takes part)."""
-    return {name: whole(_gather_experts(name, t, world)) for name, t in model.state_dict().items()}
+    state = {name: whole(_gather_experts(name, t, world)) for name, t in model.state_dict().items()}
+    return {name: t for part in _stages(state, world) for name, t in part.items()}
+
+
+def _stages(part, world: World) -> list:
+    """Each pipeline stage's part of a state, from every rank of this rank's pipeline group (one
+    all_gather; just [part] without pipeline parallelism)."""
+    if world.degree("pp") == 1:
+        return [part]
+    parts = [None] * world.degree("pp")
+    dist.all_gather_object(parts, part, group=world.group("pp"))
+    return parts
 
 
 def full_optimizer_state(optimizer, names: list[str], world: World, parallel: str) -> dict | None:
     """The optimizer state keyed by parameter name, whole; None on ranks other than 0 under zero1
     (where rank 0 alone gathers it)."""
     if world.distributed and parallel == "zero1":
-        optimizer.consolidate_state_dict(to=0)
-        if not world.is_main:
+        optimizer.consolidate_state_dict(to=0)  # to rank 0 of each dp group: every stage's
+        if world.coordinate("dp") != 0:
+            _stages(None, world)
             return None
     state = _by_name(optimizer.state_dict(), names)
     state["state"] = {name: {k: whole(_gather_experts(name, v, world)) for k, v in s.items()}
                       for name, s in state["state"].items()}
-    return state
+    parts = _stages(state, world)  # under pp: the stages' states, one parameter group at a time
+    if parallel == "zero1" and not world.is_main:
+        return None
+    return {"state": {name: s for part in parts for name, s in part["state"].items()},
+            "param_groups": [{**group, "params": [n for part in parts for n in part["param_groups"][i]["params"]]}
+                             for i, group in enumerate(parts[0]["param_groups"])]}
 
 
 def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: dict, world: World) -> None:
@@ -252,8 +374,11 @@ def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: d
         optimizer.load_state_dict(state)
         return
     params = dict(model.named_parameters())
-    state = {**state, "state": {name: {k: _like(_slice_experts(name, v, world), params[name]) for k, v in s.items()}
-                                for name, s in state["state"].items() if name in params}}
+    # The kernels (fused, foreach) are this layout's choice, not the saving one's.
+    kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach") if key in optimizer.param_groups[0]}
+    state = {"state": {name: {k: _like(_slice_experts(name, v, world), params[name]) for k, v in s.items()}
+                       for name, s in state["state"].items() if name in params},
+             "param_groups": [{**group, **kernels} for group in state["param_groups"]]}
     optimizer.load_state_dict(_by_index(state, names))
 
 
@@ -270,4 +395,5 @@ def _by_index(state: dict, names: list[str]) -> dict:
         raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]} ({len(missing)} in all): "
                           f"was it saved by another model or another train.freeze_lm?")
     return {"state": {index[n]: s for n, s in state["state"].items() if n in index},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+            "param_groups": [{**g, "params": [index[n] for n in g["params"] if n in index]}  # this rank's (a stage's)
+                             for g in state["param_groups"]]}

@@ -33,13 +33,18 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
                                        f"or choose another --out")
         init_folder = ckpt.resolve_checkpoint(init_from) if init_from else None
 
-    world, device = distributed.init(device, config.train.expert_parallel)
+    world, device = distributed.init(device, config.train)
     try:
         say = print if world.is_main else (lambda *a, **k: None)  # one rank speaks for all
         layout = ""
         if world.distributed:
-            layout = f"; {world.size} processes, {config.train.parallel}"
+            cfg = config.train
+            layout = f"; {world.size} processes, {cfg.parallel}"
             layout += f", experts split over {world.expert_parallel}" if world.expert_parallel > 1 else ""
+            if world.mesh is not None:
+                layout = (f"; {world.size} processes: {world.degree('dp')} data-parallel ({cfg.parallel}) x "
+                          f"{cfg.pp} pipeline stages ({cfg.pp_schedule}, {cfg.pp_microbatches} micro-batches) x "
+                          f"{cfg.tp} tensor-parallel")
         say(describe(config.model) + layout)
         options = RunOptions(out, device, resume_from, init_folder, compile, peak_flops, quiet, world)
         trainer = Trainer(config, options)
@@ -51,7 +56,7 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
         if resume_from:
             say(f"resuming from {resume_from} (step {trainer.step})")
         summary = trainer.train()
-        if config.train.sample_tokens and world.is_main:
+        if config.train.sample_tokens and world.is_main and world.whole_model and config.train.parallel != "fsdp":
             say(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
         say(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_s']:.0f} s; "
             f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits per byte")

@@ -98,11 +98,23 @@ class Trainer:
                 p.requires_grad_(is_vision(name))
         self.model.to(self.device)
         self.world = world = options.world
+        # A step's sequences are shared among the data-parallel replicas; under pp each replica
+        # takes whole micro-batches, which the pipeline cuts into train.pp_microbatches.
+        self.batch_unit = world.degree("dp") * (self.cfg.micro_batch_size if self.cfg.pp > 1 else 1)
         for name in ("batch_size_start", "batch_size"):
-            if world.distributed and getattr(self.cfg, name) % world.size:
-                raise ConfigError(f"train.{name}={getattr(self.cfg, name)} does not divide evenly among the "
-                                  f"{world.size} processes (the ramp's sizes in between are rounded down to a multiple)")
-        self.forward = distributed.wrap(self.model, world, self.cfg.parallel, self.device)  # every rank: same init
+            if getattr(self.cfg, name) % self.batch_unit:
+                share = f"{world.degree('dp')} data-parallel replicas" + (
+                    f" x train.micro_batch_size={self.cfg.micro_batch_size} (whole micro-batches in a pipeline)"
+                    if self.cfg.pp > 1 else "")
+                raise ConfigError(f"train.{name}={getattr(self.cfg, name)} does not divide evenly among the {share} "
+                                  f"(the ramp's sizes in between are rounded down to a multiple)")
+        self.pipeline = None
+        if world.mesh is not None:  # tensor and pipeline parallelism; every rank: same init
+            if options.compile:
+                raise ConfigError("--compile does not combine with train.tp or train.pp yet")
+            self.forward, self.pipeline = distributed.lay_out(self.model, world, config, self.device, self.dtype)
+        else:
+            self.forward = distributed.wrap(self.model, world, self.cfg.parallel, self.device)  # every rank: same init
         self.forward = torch.compile(self.forward) if options.compile else self.forward
         self.optimizer = self._make_optimizer()
         self.encoder_params = [p for name, p in self.model.named_parameters()
@@ -228,10 +240,9 @@ class Trainer:
         torchrun each rank takes its own slice of them; the step is the same)."""
         cfg, world = self.cfg, self.world
         n_seqs = batch_size_at(self.tokens_seen, cfg)
-        if world.distributed:  # an equal share for every rank
-            n_seqs = max(n_seqs // world.size, 1) * world.size
-        mine = n_seqs // world.size
-        first_seq = self.sequences_drawn + world.rank * mine
+        n_seqs = max(n_seqs // self.batch_unit, 1) * self.batch_unit  # an equal share for every replica
+        mine = n_seqs // world.degree("dp")
+        first_seq = self.sequences_drawn + world.coordinate("dp") * mine
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -252,21 +263,25 @@ class Trainer:
             if batch.images is not None:
                 images = batch.images.to(self.device, non_blocking=True)
                 n_images += int((batch.inputs == IMAGE_ID).sum())
+            inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
             with self.autocast():
-                out = self.forward(batch.inputs.to(self.device), batch.targets.to(self.device), images=images)
-            (out.loss * (n / mine)).backward()
-            values = torch.stack([getattr(out, key).detach().float() for key in totals]).tolist()  # one sync
+                if self.pipeline is not None:
+                    values, counts, drops = self.pipeline.train(inputs, targets, weight=n / mine)
+                else:
+                    out = self.forward(inputs, targets, images=images)
+                    (out.loss * (n / mine)).backward()
+                    values = torch.stack([getattr(out, key).detach().float() for key in totals]).tolist()  # one sync
+                    counts = [s.tokens_per_expert for s in out.router_stats]
+                    drops = [s.dropped for s in out.router_stats]
             for key, value in zip(totals, values):
                 totals[key] += value * n / mine
-            counts = [s.tokens_per_expert for s in out.router_stats]
-            drops = [s.dropped for s in out.router_stats]
             expert_tokens = counts if expert_tokens is None else [a + b for a, b in zip(expert_tokens, counts)]
             dropped = drops if dropped is None else [a + b for a, b in zip(dropped, drops)]
         distributed.sync_gradients(self.model, world)
         if world.distributed:  # what all the ranks did together (so every rank decides alike below)
             totals = dict(zip(totals, distributed.mean(list(totals.values()), world)))
             expert_tokens, dropped = distributed.total(expert_tokens, world), distributed.total(dropped, world)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = distributed.clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, world)
         finite = math.isfinite(totals["loss"]) and math.isfinite(float(distributed.whole(norm)))
         if finite:
             self.optimizer.step()
@@ -297,8 +312,9 @@ class Trainer:
         problem = f"{self.bad_in_a_row} steps in a row with a non-finite loss or gradient (to step {self.step})"
         if folder is None:
             raise ConfigError(f"{problem} and no checkpoint to roll back to: lower train.lr or check the data")
-        if world.distributed and (cfg.parallel == "fsdp" or world.expert_parallel > 1):
-            raise ConfigError(f"{problem}; under {cfg.parallel if world.expert_parallel == 1 else 'expert parallelism'} "
+        if world.distributed and (cfg.parallel == "fsdp" or not world.whole_model):
+            layout = "expert parallelism" if world.expert_parallel > 1 else "tensor or pipeline parallelism"
+            raise ConfigError(f"{problem}; under {cfg.parallel if world.whole_model else layout} "
                               f"training stops here: continue from {folder} with --resume")
         ckpt.load_weights(folder, self.model)
         distributed.load_optimizer_state(self.model, self.optimizer, self.param_names,
@@ -318,10 +334,14 @@ class Trainer:
             n = self.cfg.micro_batch_size
             batch = self.data.batch(i * n, n, self.seq_len, split="val")
             images = None if batch.images is None else batch.images.to(self.device)
+            inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
             with self.autocast():
-                out = self.model(batch.inputs.to(self.device), batch.targets.to(self.device), images=images)
+                if self.pipeline is not None:
+                    ce = self.pipeline.evaluate(inputs, targets)
+                else:
+                    ce = self.model(inputs, targets, images=images).ce_loss.item()
             counted = int((batch.targets != -100).sum())
-            total += out.ce_loss.item() * counted
+            total += ce * counted
             weight += counted
         val_loss = total / weight
         result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.data.bytes_per_token}
