@@ -231,6 +231,9 @@ class TrainConfig:
                  f"train.parallel='zero1' does not combine with train.tp={self.tp} (ZeroRedundancyOptimizer "
                  f"cannot broadcast DTensor weights): use train.parallel='fsdp', which shards the optimizer state too")
         if self.pp > 1:
+            _require(self.pp_schedule == "gpipe" or self.pp_microbatches >= self.pp,
+                     f"train.pp_schedule={self.pp_schedule!r} needs train.pp_microbatches >= train.pp={self.pp} "
+                     f"(got {self.pp_microbatches}); gpipe takes fewer")
             _require(self.micro_batch_size % self.pp_microbatches == 0,
                      f"train.pp_microbatches={self.pp_microbatches} does not divide "
                      f"train.micro_batch_size={self.micro_batch_size}")

@@ -14,6 +14,8 @@ Conventions (those of the PaLM appendix, nanoGPT and gpt-fast):
 - Roofline: a step takes max(FLOPs / peak FLOP/s, bytes / bandwidth), spread evenly over the
   tensor-parallel devices (the ideal: communication is not modelled). Pipeline stages run one
   after another for a given token, so they add memory and concurrent batches, not speed per token.
+- A training step on tp x pp devices (`training_step`): compute divided evenly, tensor
+  parallelism's all-reduces at the link bandwidth, and the pipeline bubble (p - 1) / (m + p - 1).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Hardware:
     bandwidth: float  # memory bytes/s
     memory: float  # bytes per device
     dollars_per_hour: float  # per device; an assumption to override, not a quote
+    link: float = 0.0  # bytes/s each way between two devices of a tensor-parallel group (0: unknown)
 
     @property
     def ridge(self) -> float:
@@ -40,11 +43,12 @@ class Hardware:
 
 # Datasheet peaks (dense, no sparsity). Prices are round on-demand cloud figures for comparisons;
 # the A100's $1/hour is the reference article's own assumption.
+# `link`: NVLink per GPU, one direction (A100 600 GB/s, H100 and H200 900 GB/s both ways).
 HARDWARE = {
-    "a100-40gb": Hardware("A100 40GB SXM", 312e12, 1.555e12, 40e9, 1.0),
-    "a100-80gb": Hardware("A100 80GB SXM", 312e12, 2.039e12, 80e9, 1.5),
-    "h100-sxm": Hardware("H100 SXM", 989e12, 3.35e12, 80e9, 2.5),
-    "h200": Hardware("H200 SXM", 989e12, 4.8e12, 141e9, 3.5),
+    "a100-40gb": Hardware("A100 40GB SXM", 312e12, 1.555e12, 40e9, 1.0, 300e9),
+    "a100-80gb": Hardware("A100 80GB SXM", 312e12, 2.039e12, 80e9, 1.5, 300e9),
+    "h100-sxm": Hardware("H100 SXM", 989e12, 3.35e12, 80e9, 2.5, 450e9),
+    "h200": Hardware("H200 SXM", 989e12, 4.8e12, 141e9, 3.5, 450e9),
 }
 
 
@@ -178,6 +182,39 @@ def decode_step(cfg: ModelConfig, hw: Hardware, batch: int, context: int, tp: in
         "devices_for_memory": math.ceil((params_bytes + kv * pp) / hw.memory),
         "dollars_per_1k_tokens": n_devices * hw.dollars_per_hour / 3600 / tokens_per_s * 1000,
     }
+
+
+def pipeline_bubble(ranks: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """The share of a pipelined step each rank sits idle under GPipe or 1F1B: (p - 1) / (m + p - 1)
+    (the first stage waits out the fill, the last the drain); interleaved with v stages a rank,
+    each v times shorter: (p - 1) / (v m + p - 1)."""
+    return (ranks - 1) / (stages_per_rank * microbatches + ranks - 1)
+
+
+def tensor_parallel_bytes(cfg: ModelConfig, tokens: int, tp: int, layers: int | None = None,
+                          bytes_per_value: float = 2) -> float:
+    """Bytes one device sends (and receives) for tensor parallelism in one training step of `tokens`
+    tokens over `layers` layers (default all): per layer an all-reduce of the tokens' D values after
+    attention and after the FFN, forward and backward, a ring moving 2 (tp - 1) / tp of it."""
+    layers = cfg.n_layers if layers is None else layers
+    return 4 * layers * tokens * cfg.d_model * bytes_per_value * 2 * (tp - 1) / tp
+
+
+def training_step(cfg: ModelConfig, hw: Hardware, tokens: int, tp: int = 1, pp: int = 1, microbatches: int = 1,
+                  mfu: float = 1.0, bytes_per_value: float = 2, context: int | None = None) -> dict:
+    """One training step of one data-parallel replica over `tokens` tokens on tp x pp devices: the
+    FLOPs divided evenly at `mfu` of the peak; tensor parallelism's all-reduces and the activations
+    a stage passes on at `hw.link`, not overlapped with compute; the pipeline's bubble on top."""
+    compute_s = tokens * flops_per_token(cfg, context or cfg.max_seq_len, training=True) / (tp * pp * hw.flops * mfu)
+    layers = math.ceil(cfg.n_layers / pp)
+    tp_bytes = tensor_parallel_bytes(cfg, tokens, tp, layers, bytes_per_value)
+    pp_bytes = 2.0 * tokens * cfg.d_model * bytes_per_value if pp > 1 else 0.0  # activations on, gradients back
+    comm_s = (tp_bytes + pp_bytes) / hw.link if hw.link else math.nan
+    bubble = pipeline_bubble(pp, microbatches)
+    busy_s = compute_s + (comm_s if hw.link else 0.0)
+    return {"tokens": tokens, "tp": tp, "pp": pp, "microbatches": microbatches, "compute_s": compute_s,
+            "tp_bytes": tp_bytes, "pp_bytes": pp_bytes, "comm_s": comm_s, "bubble": bubble,
+            "step_s": busy_s / (1 - bubble)}
 
 
 def report(cfg: ModelConfig, hw: Hardware, batch: int, context: int, tp: int = 1, pp: int = 1,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,41 @@ def test_a_decode_step_by_hand():
         2 * step["tokens_per_s_per_user"])
 
 
+def test_a_parallel_training_step_by_hand():
+    assert costmodel.pipeline_bubble(4, 12) == pytest.approx(3 / 15)
+    assert costmodel.pipeline_bubble(4, 12, stages_per_rank=2) == pytest.approx(3 / 27)
+    assert costmodel.pipeline_bubble(1, 1) == 0
+    cfg = load_config("tiny").model  # 2 layers, D=64
+    hw = costmodel.Hardware("toy", flops=1e12, bandwidth=1e10, memory=1e9, dollars_per_hour=1.0, link=1e9)
+    step = costmodel.training_step(cfg, hw, tokens=1000, tp=4, pp=2, microbatches=6, mfu=0.5)
+    flops = 1000 * costmodel.flops_per_token(cfg, cfg.max_seq_len, training=True)
+    assert step["compute_s"] == pytest.approx(flops / (8 * 0.5e12))
+    # one layer a stage: 4 all-reduces of 1000 x 64 bf16 values, a ring moving 2 * 3/4 of each
+    assert step["tp_bytes"] == 4 * 1 * 1000 * 64 * 2 * 2 * 3 / 4
+    assert step["pp_bytes"] == 2 * 1000 * 64 * 2  # activations on, their gradients back
+    assert step["comm_s"] == pytest.approx((step["tp_bytes"] + step["pp_bytes"]) / 1e9)
+    assert step["step_s"] == pytest.approx((step["compute_s"] + step["comm_s"]) / (1 - 1 / 7))
+    assert costmodel.training_step(cfg, hw, 1000)["tp_bytes"] == 0
+
+
+def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path):
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "bench.py", "parallel",
+                           "--config", "tiny", "--train.pp=2", "--microbatches", "1,2", "--schedules", "gpipe,1f1b",
+                           "--iters", "2", "--json", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["schedule"], r["microbatches"]) for r in rows] == [("gpipe", 1), ("gpipe", 2), ("1f1b", 2)]  # 1f1b needs m >= p
+    for r in rows:
+        assert 0 < r["step_s"] and 0 <= r["bubble"] < 1 and r["imbalance"] >= 1
+        assert r["bubble_model"] == pytest.approx(1 / (r["microbatches"] + 1))
+    split = run("bench.py", "parallel", "--config", "tiny", "--expert-split", "256", "--iters", "2", "--json", str(out))
+    assert split.returncode == 0, split.stderr
+    result = json.loads(out.read_text())
+    assert result["rows_split"] == 512 and 0 < result["rows_divided"] < 512 and result["split_over_divided"] > 0
+
+
 def test_speculative_closed_form():
     assert costmodel.tokens_per_target_forward(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
     assert costmodel.speculative_speedup(0.5, 2, 0.0) == pytest.approx(1.75)
@@ -149,7 +185,8 @@ def test_batched_speculative_decoding_is_plain_greedy_row_by_row(tiny_model, noi
 def test_bench_help_documents_every_command():
     proc = run("bench.py", "--help")
     assert proc.returncode == 0
-    for command in ("machine", "decode", "experts", "batching", "speculative", "costmodel", "moe-layer", "train-step"):
+    for command in ("machine", "decode", "experts", "batching", "speculative", "costmodel", "moe-layer", "train-step",
+                    "parallel"):
         assert f"  {command} " in proc.stdout
         sub = run("bench.py", command, "--help")
         assert sub.returncode == 0 and "--json" in sub.stdout

@@ -12,6 +12,7 @@ with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the cu
                the reference design's arithmetic checked from configs/gpt4.toml
   moe-layer    one MoE layer, forward + backward, against its dense compute floor
   train-step   forward + backward + AdamW of the whole model: tokens/s and MFU per precision
+  parallel     under torchrun: a step's compute vs collectives under tp / pp, the pipeline bubble
 
 Every MFU is read against the matmul peak of the precision that ran: --precision (auto, fp32,
 bf16; bf16 autocast over fp32 weights, as training runs) for train-step and moe-layer, --dtype
@@ -27,6 +28,7 @@ Examples:
   python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
   python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
   python bench.py costmodel --claims
+  torchrun --nproc_per_node 2 bench.py parallel --config small --train.pp=2 --microbatches 1,2,4,8
 """
 
 from __future__ import annotations
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens", type=float, default=None, help="also price training on this many tokens")
     p.add_argument("--devices", type=positive_int, default=None, help="devices for training (default tp x pp)")
     p.add_argument("--mfu", type=float, default=0.35, help="training MFU assumed (default 0.35)")
+    p.add_argument("--microbatches", type=positive_int, default=None,
+                   help="with --tp / --pp: also model a training step of --batch sequences per replica, cut "
+                        "into this many pipeline micro-batches (compute, communication, bubble)")
     commands["costmodel"] = p
 
     p = add("moe-layer", "one MoE layer, forward+backward, against its dense compute floor")
@@ -160,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", action="store_true",
                    help="also time transformers' MixtralForCausalLM of the same shape (needs the hf extra)")
     commands["train-step"] = p
+
+    p = add("parallel", "under torchrun with --train.tp=N and/or --train.pp=N: a training step's time split "
+                        "into compute and collectives, and the pipeline bubble against (p - 1) / (m + p - 1)")
+    p.add_argument("--microbatches", type=int_list, default=(1, 2, 4, 8), help="pipeline micro-batch counts (default 1,2,4,8)")
+    p.add_argument("--schedules", type=comma_list("schedule", ("gpipe", "1f1b", "interleaved")), default=("gpipe", "1f1b"),
+                   help="comma-separated pipeline schedules (default gpipe,1f1b)")
+    p.add_argument("--seqs-per-microbatch", type=positive_int, default=2, help="sequences in a pipeline micro-batch (default 2)")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed steps per layout (default 5)")
+    p.add_argument("--expert-split", type=positive_int, metavar="TOKENS", default=None,
+                   help="instead, in one process: one tp rank's expert work for TOKENS tokens, experts divided "
+                        "among the ranks (ours) against each expert's hidden units split (Megatron's)")
+    commands["parallel"] = p
 
     for name in ("moe-layer", "train-step"):
         commands[name].add_argument(
@@ -187,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(build_parser(), argv)
-    result = COMMANDS[args.command](args, config.model)
+    result = COMMANDS[args.command](args, config if args.command == "parallel" else config.model)
     write_json(args.json, result)
     return 0
 
@@ -361,6 +378,15 @@ def cost_model(args, cfg: ModelConfig) -> dict:
     if step["devices_for_memory"] > args.tp * args.pp:
         print(f"note: weights and KV cache need {step['devices_for_memory']} such devices' memory, not "
               f"{args.tp * args.pp}: raise --tp / --pp or lower --bytes-per-param")
+    if args.microbatches:
+        step = costmodel.training_step(cfg, hw, args.batch * context, args.tp, args.pp, args.microbatches,
+                                       args.mfu, width, context)
+        result["training_step"] = step
+        link = f"{step['comm_s'] * 1e3:.2f} ms at {hw.link / 1e9:,.0f} GB/s" if hw.link else "no link bandwidth known"
+        print(f"training step of {args.batch} x {context} tokens per replica on tensor {args.tp} x pipeline {args.pp}: "
+              f"compute {step['compute_s'] * 1e3:.2f} ms at {args.mfu:.0%} MFU; tensor-parallel all-reduces "
+              f"{step['tp_bytes'] / 1e9:.3g} GB and stage activations {step['pp_bytes'] / 1e9:.3g} GB a device ({link}); "
+              f"bubble {step['bubble']:.1%} with {args.microbatches} micro-batches; {step['step_s'] * 1e3:.2f} ms a step")
     if args.train_tokens:
         devices = args.devices or args.tp * args.pp
         train = costmodel.training_cost(cfg, args.train_tokens, hw, devices, args.mfu, context)
@@ -403,5 +429,40 @@ def train_step(args, cfg: ModelConfig) -> dict:
     return result
 
 
+def parallel(args, config) -> dict:
+    from .parallel import expert_split, sweep  # the profiler and pipelining: loaded for this command only
+
+    train = config.train
+    if args.expert_split:
+        tp = max(train.tp, 2)
+        result = {"benchmark": "expert-split", **expert_split(config.model, args.expert_split, tp, 4 * args.iters, args.device)}
+        print(f"{args.config}: one of {tp} tensor-parallel ranks' expert work, forward + backward, {args.expert_split} "
+              f"tokens routed uniformly (the two take turns, median of {4 * args.iters})")
+        print(f"experts divided (E/{tp} whole experts, {result['rows_divided']} rows): {result['divided_ms']:.1f} ms; "
+              f"each expert split (F/{tp} of every expert, {result['rows_split']} rows): {result['split_ms']:.1f} ms; "
+              f"split / divided = {result['split_over_divided']:.2f}")
+        return result
+    rows = sweep(config, args.device, args.microbatches, args.schedules, args.seqs_per_microbatch, args.iters)
+    result = {"benchmark": "parallel", "tp": train.tp, "pp": train.pp, "rows": rows}
+    if int(os.environ.get("RANK", "0")) != 0:
+        args.json = None  # rank 0 writes for all
+        return result
+    for row in rows:
+        row["step_ms"], row["comm_ms"] = row["step_s"] * 1e3, row["comm_s"] * 1e3
+        row["comm_share"] = row["comm_s"] / row["step_s"]
+        row["link_gbs"] = row["tp_bytes"] / row["comm_s"] / 1e9 if train.tp > 1 and row["comm_s"] else 0.0
+    print(f"{args.config}: {int(os.environ.get('WORLD_SIZE', '1'))} processes, tensor {train.tp} x pipeline {train.pp} "
+          f"(forward + backward on random tokens, {args.iters} steps a layout, on {args.device})")
+    columns = [("schedule", "schedule", "s"), ("microbatches", "m", "d"), ("tokens", "tokens", "d"),
+               ("step_ms", "step ms", ".1f"), ("comm_ms", "in collectives ms", ".1f"), ("comm_share", "share", ".0%")]
+    if train.tp > 1:
+        columns += [("tp_bytes", "tp all-reduce bytes (model)", ".3g"), ("link_gbs", "achieved GB/s", ".2f")]
+    if train.pp > 1:
+        columns += [("bubble", "bubble", ".1%"), ("bubble_model", "(p-1)/(m+p-1)", ".1%"), ("imbalance", "imbalance", ".2f")]
+    print_table(rows, columns)
+    return result
+
+
 COMMANDS = {"machine": machine, "decode": decode, "experts": experts, "batching": batching,
-            "speculative": speculative, "quality": quality, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step}
+            "speculative": speculative, "quality": quality, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step,
+            "parallel": parallel}

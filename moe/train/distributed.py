@@ -208,8 +208,11 @@ def data_parallel(module: nn.Module, world: World, parallel: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, process_group=dp.get_group())
-    from torch.distributed._composable.replicate_with_fsdp import replicate
-
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError:  # an older PyTorch
+        raise ConfigError(f"train.parallel='ddp' with train.tp or train.pp needs FSDP2's replicate, which PyTorch "
+                          f"{torch.__version__} lacks: use train.parallel='fsdp'") from None
     return replicate(module, mesh=dp)
 
 

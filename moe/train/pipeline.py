@@ -49,7 +49,8 @@ def split_layers(n_layers: int, n_stages: int, first: int = 0) -> list[range]:
 
 class Stage(nn.Module):
     """Some consecutive blocks of the model, with the embedding on the first stage and the final
-    norm and head on the last. Holds the model's own modules (no copies)."""
+    norm and head on the last. Holds the model's own modules (no copies); its forward is
+    `MoETransformer.forward`'s for training (no cache, no images), a stage's share of it."""
 
     def __init__(self, model: MoETransformer, layers: range, first: bool, last: bool):
         super().__init__()
@@ -99,7 +100,6 @@ class Pipeline:
         indices = list(range(rank, n_stages, pp))  # looped: rank r holds stages r, r + pp, ...
         self.stages = [Stage(model, layers[i], i == 0, i == n_stages - 1) for i in indices]
         keep_only(model, self.stages)
-        self.layers = {i: layers[i] for i in indices}
         self.moe_layers = [i for i in range(mcfg.n_layers) if mcfg.is_moe_layer(i)]
         self.n_experts, self.group, self.device = mcfg.n_experts, group, device
         self.aux_coefs = (mcfg.aux_loss_coef, mcfg.z_loss_coef)
@@ -116,6 +116,7 @@ class Pipeline:
                                 input_args=(tokens,) if i == 0 else (x, aux),
                                 output_args=(logits if i == n_stages - 1 else x, aux))
                   for stage, i in zip(self.stages, indices)]
+        self.pipeline_stages = stages  # torch's, around ours
         schedule = SCHEDULES[cfg.pp_schedule]
         self.schedule = schedule(stages if schedule is ScheduleInterleaved1F1B else stages[0], cfg.pp_microbatches,
                                  loss_fn=self.loss, scale_grads=False)
