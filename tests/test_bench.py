@@ -111,7 +111,7 @@ def test_a_parallel_training_step_by_hand():
 
 def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path):
     out = tmp_path / "p.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "bench.py", "parallel",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "bench.py", "parallel",
                            "--config", "tiny", "--train.pp=2", "--microbatches", "1,2", "--schedules", "gpipe,1f1b",
                            "--iters", "2", "--json", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)

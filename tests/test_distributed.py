@@ -29,7 +29,7 @@ def flags(cache_dir, steps):
 
 
 def train(*args, procs=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
     proc = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -55,7 +55,7 @@ def test_ddp_losses_equal_the_single_process_run(cache_dir, single, tmp_path):
 
 def test_expert_parallel_layer_equals_the_whole_layer(tmp_path):
     out = tmp_path / "ep"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "ep_worker.py"), str(out)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,6 +94,17 @@ PIPELINE = ["--train.pp=2", "--train.micro_batch_size=4", "--train.pp_microbatch
 def test_tensor_parallel_losses_equal_the_single_process_run(cache_dir, single, tmp_path):
     train(*flags(cache_dir, 5), "--train.tp=2", "--out", str(tmp_path / "tp"), procs=2)
     assert losses(tmp_path / "tp") == pytest.approx(losses(single)[:5], abs=1e-5)
+
+
+def test_tensor_parallel_experts_drop_what_one_process_drops(cache_dir, tmp_path):
+    capacity = ["--model.dispatch=capacity", "--model.capacity_factor=1.0"]
+    train(*flags(cache_dir, 3), *capacity, "--out", str(tmp_path / "one"))
+    train(*flags(cache_dir, 3), *capacity, "--train.tp=2", "--out", str(tmp_path / "tp"), procs=2)
+    records = [[r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"] for run in ("one", "tp")]
+    assert [r["dropped"] for r in records[1]] == [r["dropped"] for r in records[0]]
+    assert sum(map(sum, (r["dropped"] for r in records[0]))) > 0
+    assert losses(tmp_path / "tp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +146,11 @@ def test_a_tp_x_pp_checkpoint_resumes_in_one_process_and_the_reverse(cache_dir, 
 
 def test_generate_under_torchrun_with_tp_equals_one_process(single):
     def generate(procs, *sampling):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
         proc = subprocess.run([*launcher, "generate.py", "--checkpoint", str(single), "--prompt", "def",
                                "--max-new-tokens", "24", *sampling], cwd=ROOT, env=ENV, capture_output=True, text=True,
                               timeout=300)
+        print(proc.stderr[-2000:])  # shown if the comparison fails
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
@@ -150,7 +162,8 @@ def test_generate_under_torchrun_with_tp_equals_one_process(single):
     (["train.tp=3"], "train.tp=3 does not divide model.n_heads=4"),
     (["train.tp=2", "model.d_ff=63"], "train.tp=2 does not divide model.d_ff=63"),
     (["train.tp=4", "model.n_kv_heads=2"], "train.tp=4 does not divide model.n_kv_heads=2"),
-    (["train.pp=3", "train.pp_microbatches=2"], "train.pp=3 makes 3 pipeline stages (schedule 1f1b) for model.n_layers=2"),
+    (["train.pp=3", "train.pp_microbatches=4"], "train.pp=3 makes 3 pipeline stages (schedule 1f1b) for model.n_layers=2"),
+    (["train.pp=2", "train.pp_microbatches=1"], "train.pp_schedule='1f1b' needs train.pp_microbatches >= train.pp=2"),
     (["train.pp=2", "train.pp_microbatches=2", "train.pp_first_stage_layers=2"],
      "train.pp_first_stage_layers=2 leaves fewer than one layer for each of the other 1 stages"),
     (["train.pp=2", "train.pp_microbatches=3"], "train.pp_microbatches=3 does not divide train.micro_batch_size=8"),

@@ -63,6 +63,7 @@ from ..infer.sampling import ExportedDecodeStep, compile_decode_step
 from ..model import MoETransformer, activation_dtype, pack_for_inference
 from . import benchmarks
 from .claims import claims
+from .parallel import expert_split, sweep
 from .plots import plot_decode, plot_experts, plot_speculative
 
 
@@ -430,8 +431,6 @@ def train_step(args, cfg: ModelConfig) -> dict:
 
 
 def parallel(args, config) -> dict:
-    from .parallel import expert_split, sweep  # the profiler and pipelining: loaded for this command only
-
     train = config.train
     if args.expert_split:
         tp = max(train.tp, 2)
