@@ -175,6 +175,14 @@ def test_bad_layouts_are_one_line_config_errors(overrides, message):
         load_config("tiny", overrides)
 
 
+def test_a_layout_that_does_not_divide_the_processes_is_one_line(cache_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                           "train.py", *flags(cache_dir, 1), "--train.tp=2", "--out", str(tmp_path / "x")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # torchrun's own report follows
+    assert proc.returncode != 0 and ours == ["error: train.tp=2 x train.pp=1 = 2 does not divide the 3 processes"] * 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train.tp=2"], "train.tp=2 needs that many processes: run under torchrun --nproc_per_node 2"),
     (["--train.expert_parallel=2"], "train.expert_parallel=2 needs that many processes: run under torchrun"),

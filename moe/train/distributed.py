@@ -100,13 +100,13 @@ def init(device: torch.device, cfg: TrainConfig | None = None) -> tuple[World, t
                 raise ConfigError(f"{key}={n} needs that many processes: run under torchrun --nproc_per_node "
                                   f"{cfg.tp * cfg.pp * expert_parallel} (or pass --{key}=1)")
         return World(), device
+    if size % (cfg.tp * cfg.pp):  # before joining: every process says so and stops
+        raise ConfigError(f"train.tp={cfg.tp} x train.pp={cfg.pp} = {cfg.tp * cfg.pp} does not divide "
+                          f"the {size} processes")
     device = join_process_group(device)
     rank, size = dist.get_rank(), dist.get_world_size()
     world = World(rank, size, expert_parallel, device)
     if cfg.tp > 1 or cfg.pp > 1:
-        if size % (cfg.tp * cfg.pp):
-            raise ConfigError(f"train.tp={cfg.tp} x train.pp={cfg.pp} = {cfg.tp * cfg.pp} does not divide "
-                              f"the {size} processes")
         world.mesh = init_device_mesh(device.type, (size // (cfg.tp * cfg.pp), cfg.pp, cfg.tp),
                                       mesh_dim_names=("dp", "pp", "tp"))
     if expert_parallel > 1:
