@@ -6,6 +6,8 @@ Examples:
   python generate.py --prompt-file prompts.txt --slots 8           one prompt a line, continuous batching
   python generate.py --prompt "class" --draft-checkpoint runs/draft --speculate-k 4
   python generate.py --prompt "import" --dtype int8 --kv-int8 --compile   int8 weights and cache, compiled step
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 generate.py --prompt "def" --temperature 0
+      the model's layers divided among 2 processes (tensor parallelism; one prompt, fp32 or bf16)
   python generate.py --checkpoint runs/vision_small --image digits.png --temperature 0   caption an image
   python generate.py --checkpoint runs/vision_small --prompt-file prompts.jsonl
       one JSON object a line: {"prompt": "...", "images": ["a.png", ...]} (paths relative to the file)

@@ -11,6 +11,8 @@ Examples:
   python train.py --init-from runs/small --out runs/long --model.max_seq_len=512 \\
       --model.rope_scale=2 --train.max_steps=100          longer context, position interpolation
   python train.py --init-from runs/small --out runs/chat --data.instruct=data/instruct_example.jsonl
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 train.py --config tiny --train.tp=2 --train.pp=2 \
+      --train.micro_batch_size=4 --train.pp_microbatches=2      tensor x pipeline parallel (docs/distributed.md)
 """
 
 from __future__ import annotations

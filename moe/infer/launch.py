@@ -53,9 +53,10 @@ def launch_tensor_parallel(args: argparse.Namespace, dtype: torch.dtype, tp: int
             raise ConfigError(f"generate.py under torchrun divides multi-query models only (the checkpoint has "
                               f"model.n_kv_heads={model.cfg.n_kv_heads}, whose cache would be divided too)")
         parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
-        quiet = io.StringIO()  # rank 0 speaks for all
-        with contextlib.nullcontext() if dist.get_rank() == 0 else contextlib.redirect_stdout(quiet), \
-                contextlib.nullcontext() if dist.get_rank() == 0 else contextlib.redirect_stderr(quiet):
+        with contextlib.ExitStack() as stack:
+            if dist.get_rank() != 0:  # rank 0 speaks for all
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
             run(args, model, tokenizer)
     finally:
         dist.destroy_process_group()

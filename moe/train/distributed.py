@@ -239,7 +239,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world: World) -> torch.Ten
     dist.all_reduce(square)
     norm = square.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].dtype)) if grads else None
+    for grad in grads:
+        grad.mul_(coef.to(grad.dtype))
     return norm
 
 
