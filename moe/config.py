@@ -227,9 +227,6 @@ class TrainConfig:
             _require(self.expert_parallel == 1,
                      f"train.expert_parallel={self.expert_parallel} combines with data parallelism only: under "
                      f"train.tp the experts are already divided among the tensor-parallel ranks")
-        _require(self.tp == 1 or self.parallel != "zero1",
-                 f"train.parallel='zero1' does not combine with train.tp={self.tp} (ZeroRedundancyOptimizer "
-                 f"cannot broadcast DTensor weights): use train.parallel='fsdp', which shards the optimizer state too")
         if self.pp > 1:
             _require(self.pp_schedule == "gpipe" or self.pp_microbatches >= self.pp,
                      f"train.pp_schedule={self.pp_schedule!r} needs train.pp_microbatches >= train.pp={self.pp} "

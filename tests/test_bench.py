@@ -112,12 +112,12 @@ def test_a_parallel_training_step_by_hand():
 def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path):
     out = tmp_path / "p.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "bench.py", "parallel",
-                           "--config", "tiny", "--train.pp=2", "--microbatches", "1,2", "--schedules", "gpipe,1f1b",
+                           "--config", "tiny", "--train.pp=2", "--microbatches", "1,2", "--schedules", "1f1b,gpipe",
                            "--iters", "2", "--json", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["schedule"], r["microbatches"]) for r in rows] == [("gpipe", 1), ("gpipe", 2), ("1f1b", 2)]  # 1f1b needs m >= p
+    assert [(r["schedule"], r["microbatches"]) for r in rows] == [("1f1b", 2), ("gpipe", 1), ("gpipe", 2)]  # 1f1b: m >= p
     for r in rows:
         assert 0 < r["step_s"] and 0 <= r["bubble"] < 1 and r["imbalance"] >= 1
         assert r["bubble_model"] == pytest.approx(1 / (r["microbatches"] + 1))

@@ -20,8 +20,8 @@ replicated; gradients are summed by hand (experts over the ranks that hold the s
 (tp fastest: a tensor-parallel group sits on one machine): the model's layers divided among
 the tp ranks (`model.tensor_parallel`), its blocks cut into P pipeline stages (`pipeline`), and
 dp = W / (P * T) data-parallel replicas of that, laid out by `train.parallel` on the dp mesh
-dimension: `ddp` as FSDP2's replicate (DDP that understands DTensor weights), `zero1` as DDP with
-ZeroRedundancyOptimizer over the dp group (pipeline only), `fsdp` as FSDP2 over the dp group.
+dimension: `ddp` as FSDP2's replicate (DDP that understands DTensor weights), `zero1` as that
+with the AdamW state sharded over the dp ranks (`MeshZero1`), `fsdp` as FSDP2 over the dp group.
 
 Checkpoints are always whole: the full model and the full optimizer state keyed by parameter
 name, written once by rank 0, so a checkpoint from any layout and any number of ranks resumes
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import Config, ConfigError, TrainConfig
 from ..model import MoE, MoETransformer
@@ -192,8 +192,8 @@ def lay_out(model: MoETransformer, world: World, config: Config, device: torch.d
 
 
 def data_parallel(module: nn.Module, world: World, parallel: str) -> nn.Module:
-    """`module` replicated (ddp, zero1) or sharded (fsdp) over the dp ranks of the mesh; gradients
-    averaged over them in the backward pass."""
+    """`module` replicated (ddp, zero1: FSDP2's replicate) or sharded (fsdp) over the dp ranks of
+    the mesh; gradients averaged over them in the backward pass."""
     dp = world.mesh["dp"]
     if dp.size() == 1:
         return module
@@ -204,10 +204,6 @@ def data_parallel(module: nn.Module, world: World, parallel: str) -> nn.Module:
         for block in blocks:
             fully_shard(block, mesh=dp)
         return fully_shard(module, mesh=dp)
-    if parallel == "zero1":  # plain weights (no tp): DDP, whose weights ZeroRedundancyOptimizer can broadcast
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(module, process_group=dp.get_group())
     try:
         from torch.distributed._composable.replicate_with_fsdp import replicate
     except ImportError:  # an older PyTorch
@@ -259,8 +255,56 @@ def sync_gradients(model: nn.Module, world: World) -> None:
         p.grad /= world.size
 
 
-def make_optimizer(groups: list[dict], world: World, parallel: str, **kwargs) -> torch.optim.Optimizer:
-    if world.distributed and parallel == "zero1":
+class MeshZero1:
+    """ZeRO stage 1 over the dp dimension of a mesh whose weights are DTensors (under tp or pp):
+    each dp rank keeps AdamW's state for 1/dp of every weight (its Replicate placement on dp made
+    Shard(0)), updates that shard, and the weight is gathered whole again. DTensor's redistribute
+    slices (no communication: the gradients arrive averaged) and all-gathers;
+    ZeroRedundancyOptimizer cannot stand in, as it broadcasts plain tensors only."""
+
+    def __init__(self, groups: list[dict], **kwargs):
+        self.weights = [p for group in groups for p in group["params"]]
+        self.shards = [nn.Parameter(_sharded_over_dp(p.detach())) for p in self.weights]
+        shards = iter(self.shards)
+        self.inner = torch.optim.AdamW([{**group, "params": [next(shards) for _ in group["params"]]} for group in groups],
+                                       foreach=False, **kwargs)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups  # a new list after load_state_dict
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for weight, shard in zip(self.weights, self.shards):
+            shard.grad = None if weight.grad is None else weight.grad.redistribute(shard.device_mesh, shard.placements)
+        self.inner.step()
+        for weight, shard in zip(self.weights, self.shards):
+            weight.copy_(shard.redistribute(weight.device_mesh, weight.placements))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.weights + self.shards:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _sharded_over_dp(weight: DTensor) -> DTensor:
+    """The weight cut along the dp ranks too, along a dimension tp has not cut (so each rank's
+    shard is one block of it, not strided pieces)."""
+    mesh, placements = weight.device_mesh, list(weight.placements)
+    cut = {pl.dim for pl in placements if pl.is_shard()}
+    placements[mesh.mesh_dim_names.index("dp")] = Shard(next(d for d in range(weight.dim()) if d not in cut))
+    return weight.redistribute(mesh, placements)
+
+
+def make_optimizer(groups: list[dict], world: World, parallel: str, **kwargs):
+    if parallel == "zero1" and world.degree("dp") > 1 and world.mesh is not None:
+        return MeshZero1(groups, **kwargs)
+    if world.distributed and parallel == "zero1" and world.mesh is None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=world.group("dp"),
@@ -357,17 +401,14 @@ def _stages(part, world: World) -> list:
 def full_optimizer_state(optimizer, names: list[str], world: World, parallel: str) -> dict | None:
     """The optimizer state keyed by parameter name, whole; None on ranks other than 0 under zero1
     (where rank 0 alone gathers it)."""
-    if world.distributed and parallel == "zero1":
-        optimizer.consolidate_state_dict(to=0)  # to rank 0 of each dp group: every stage's
-        if world.coordinate("dp") != 0:
-            _stages(None, world)
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
+        optimizer.consolidate_state_dict(to=0)
+        if not world.is_main:
             return None
     state = _by_name(optimizer.state_dict(), names)
     state["state"] = {name: {k: whole(_gather_experts(name, v, world)) for k, v in s.items()}
                       for name, s in state["state"].items()}
     parts = _stages(state, world)  # under pp: the stages' states, one parameter group at a time
-    if parallel == "zero1" and not world.is_main:
-        return None
     return {"state": {name: s for part in parts for name, s in part["state"].items()},
             "param_groups": [{**group, "params": [n for part in parts for n in part["param_groups"][i]["params"]]}
                              for i, group in enumerate(parts[0]["param_groups"])]}
@@ -377,7 +418,7 @@ def load_optimizer_state(model: nn.Module, optimizer, names: list[str], state: d
     if state["state"] and isinstance(next(iter(state["state"])), int):  # an index-keyed checkpoint (older)
         optimizer.load_state_dict(state)
         return
-    params = dict(model.named_parameters())
+    params = dict(zip(names, (p for group in optimizer.param_groups for p in group["params"])))  # laid out as it keeps them
     # The kernels (fused, foreach) are this layout's choice, not the saving one's.
     kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach") if key in optimizer.param_groups[0]}
     state = {"state": {name: {k: _like(_slice_experts(name, v, world), params[name]) for k, v in s.items()}
