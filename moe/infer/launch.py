@@ -46,20 +46,21 @@ def launch_tensor_parallel(args: argparse.Namespace, dtype: torch.dtype, tp: int
         if given:
             raise ConfigError(f"{flag} does not combine with tensor parallelism (generate.py under torchrun) yet")
     device = join_process_group(torch.device(args.device))
-    try:
-        model, tokenizer = load_for_inference(args.checkpoint, device, dtype)
-        check_tensor_parallel(model.cfg, tp, "torchrun --nproc_per_node")
-        if model.cfg.n_kv_heads > 1:
-            raise ConfigError(f"generate.py under torchrun divides multi-query models only (the checkpoint has "
-                              f"model.n_kv_heads={model.cfg.n_kv_heads}, whose cache would be divided too)")
-        parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
-        with contextlib.ExitStack() as stack:
-            if dist.get_rank() != 0:  # rank 0 speaks for all
-                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-            run(args, model, tokenizer)
-    finally:
-        dist.destroy_process_group()
+    model, tokenizer = load_for_inference(args.checkpoint, device, dtype)
+    check_tensor_parallel(model.cfg, tp, "torchrun --nproc_per_node")
+    if model.cfg.n_kv_heads > 1:
+        raise ConfigError(f"generate.py under torchrun divides multi-query models only (the checkpoint has "
+                          f"model.n_kv_heads={model.cfg.n_kv_heads}, whose cache would be divided too)")
+    parallelize(model, init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
+    with contextlib.ExitStack() as stack:
+        if dist.get_rank() != 0:  # rank 0 speaks for all
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        run(args, model, tokenizer)
+    # The process group is left for the process's exit to close: destroyed here, after a barrier,
+    # one run in ten aborted in gloo's C++ teardown on this loaded CPU ("terminate called without
+    # an active exception"); none in ten without.
+    dist.barrier()
 
 
 def run(args: argparse.Namespace, model, tokenizer) -> None:
