@@ -13,8 +13,8 @@ import torch
 
 from moe import MoETransformer, costmodel, load_config
 from moe.bench import benchmarks
-from moe.bench.commands import build_parser
 from moe.bench.claims import claims
+from moe.bench.commands import build_parser
 from moe.model.kv_cache import KVCache
 
 ROOT = Path(__file__).resolve().parent.parent
