@@ -154,6 +154,33 @@ def test_batched_results_equal_solo_results_at_the_context_end(target, tiny):
         assert r.finish == "length"
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_other_rows_decode(target, tiny):
+    short = Request([3, 9, 27], SamplingParams(max_new_tokens=20, temperature=0), id=0)
+    long = Request(torch.randint(5, tiny.vocab_size, (40,)).tolist(), SamplingParams(8, temperature=0), id=1)
+    engine = Engine(target, slots=2, step_tokens=8)
+    engine.submit(short)
+    assert [e.id for e in engine.step().emitted] == [0, 0]  # prefilled, first token, then decoded
+    engine.submit(long)
+    records = [engine.step() for _ in range(6)]
+    assert [r.prefill_tokens for r in records] == [7, 7, 7, 7, 7, 5]  # 8 a step, less the decoding row
+    assert [r.batch_size for r in records] == [1, 1, 1, 1, 1, 2]  # the short row never waits
+    results = {r.id: r.tokens for r in engine.run()}
+    for request in (short, long):  # chunked or whole, the same tokens
+        assert results[request.id] == list(generate(target, request.prompt, request.params))
+    with pytest.raises(ValueError, match="step_tokens=2 must exceed slots=2"):
+        Engine(target, slots=2, step_tokens=2)
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next_step(target):
+    engine = Engine(target, slots=1)
+    for i in range(3):
+        engine.submit(Request([3 + i, 9], SamplingParams(max_new_tokens=50, temperature=0), id=i))
+    engine.step()
+    assert engine.cancel(2) and engine.cancel(0) and not engine.cancel(0)  # queued, running, gone
+    assert [e.id for e in engine.step().emitted] == [1, 1]  # request 1 has the slot
+    assert not engine.queue and list(engine.running) == [0]
+
+
 def test_static_batching_waits_for_the_whole_batch(target):
     requests = [Request([1, 2], SamplingParams(max_new_tokens=n, temperature=0), id=i) for i, n in enumerate([2, 9, 2, 2])]
     static, continuous = Engine(target, slots=2, static=True), Engine(target, slots=2)

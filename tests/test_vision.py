@@ -152,6 +152,9 @@ def test_generation_with_an_image_encodes_it_once_and_matches_uncached(vision_cf
     results = engine.run([Request(prompt, params, id=0, images=image), Request([0, 5, 6], params, id=1),
                           Request(prompt, params, id=2, images=image)])
     assert {r.id: r.tokens for r in results}[2] == cached  # the refilled slot forgot its old image
+    later = [0, 7, 8, 9, 5, IMAGE_ID, 7, 8]  # prefilled 3 tokens a step: the image arrives with the second chunk
+    chunked = Engine(model, slots=1, step_tokens=3).run([Request(later, params, images=image)])
+    assert chunked[0].tokens == list(generate(model, later, params, images=image))
 
 
 def test_image_errors_are_clear(tiny, vision_cfg):

@@ -1,10 +1,16 @@
 """Continuous batching: a fixed number of cache slots, a queue of requests, one batched decode a step.
 
 Every step decodes one token for every active slot in a single forward. A slot whose sequence
-ends is refilled at once from the queue (the new request's prompt is prefilled into that slot,
-then it joins the decode batch), so the batch size varies step to step, as in the reference
-design's serving. `static=True` instead waits for the whole batch to finish before admitting
-more: the baseline continuous batching is measured against.
+ends is refilled from the queue at the next step: the new request's prompt is prefilled into the
+slot in chunks under a per-step token budget (`step_tokens`, of which each decoding row takes
+one), so a long prompt delays the decoding rows by one chunk's time a step, never by its whole
+prefill. Once its prompt is in, the request samples its first token and joins the decode batch,
+so the batch size varies step to step, as in the reference design's serving. `static=True`
+instead waits for the whole batch to finish before admitting more: the baseline continuous
+batching is measured against.
+
+`step()` is the unit a server drives (requests join with `submit` and leave with `cancel`
+between steps; each step reports the tokens it produced); `run()` serves a list to completion.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..model.kv_cache import KVCache
+from ..tokenizer import IMAGE_ID
 from .sampling import SamplingParams, new_token_budget, sample_next
 
 
@@ -40,31 +48,50 @@ class Result:
         return self.finished_s - self.submitted_s
 
 
+class Emitted(NamedTuple):
+    """One new token of one request; `finish` is set on its last ("stop" or "length")."""
+
+    id: int
+    token: int
+    finish: str | None
+
+
 @dataclass
 class _Running:
     request: Request
     generator: torch.Generator
     budget: int  # new tokens it may have: max_new_tokens, or less where the context ends
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # none yet: its prompt is still being prefilled
     submitted_s: float = 0.0
+    prefilled: int = 0  # prompt tokens in the cache so far
 
 
 @dataclass
 class StepRecord:
     batch_size: int  # sequences decoded together this step
-    tokens_per_expert: list[list[int]]  # per MoE layer, per expert
+    tokens_per_expert: list[list[int]]  # per MoE layer, per expert, of the decoded tokens
+    prefill_tokens: int = 0  # prompt tokens prefilled this step
+    emitted: list[Emitted] = field(default_factory=list)
+    finished: list[Result] = field(default_factory=list)
 
 
 class Engine:
-    def __init__(self, model, slots: int, static: bool = False, kv_int8: bool = False):
-        self.model, self.cfg, self.static = model, model.cfg, static
+    def __init__(self, model, slots: int, static: bool = False, kv_int8: bool = False, step_tokens: int = 512):
+        if step_tokens <= slots:
+            raise ValueError(f"step_tokens={step_tokens} must exceed slots={slots}: each decoding row takes one "
+                             f"token of a step's budget and prompts need the rest")
+        self.model, self.cfg, self.static, self.step_tokens = model, model.cfg, static, step_tokens
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache(self.cfg, slots, device=self.device, dtype=param.dtype, int8=kv_int8)
         self.queue: deque[tuple[Request, float]] = deque()
-        self.running: dict[int, _Running] = {}  # slot -> sequence
-        self.results: list[Result] = []
+        self.running: dict[int, _Running] = {}  # slot -> sequence, in the order they were admitted
+        self.results: list[Result] = []  # what `run` served
         self.steps: list[StepRecord] = []
+
+    @property
+    def slots(self) -> int:
+        return self.cache.lengths.numel()
 
     def submit(self, request: Request) -> None:
         try:
@@ -73,51 +100,88 @@ class Engine:
             raise ValueError(f"request {request.id}: {e}") from None
         self.queue.append((request, time.perf_counter()))
 
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request, queued or running (its slot is free for the next step); False if unknown."""
+        for i, (request, _) in enumerate(self.queue):
+            if request.id == request_id:
+                del self.queue[i]
+                return True
+        for slot, seq in self.running.items():
+            if seq.request.id == request_id:
+                del self.running[slot]
+                return True
+        return False
+
     @torch.no_grad()
     def run(self, requests: list[Request] = ()) -> list[Result]:
         """Serve everything submitted (and `requests`); results in the order they finished."""
         for request in requests:
             self.submit(request)
         while self.queue or self.running:
-            self.step()
+            record = self.step()
+            self.steps.append(record)
+            self.results += record.finished
         return self.results
 
-    def step(self) -> None:
+    @torch.no_grad()
+    def step(self) -> StepRecord:
+        """Admit queued requests into free slots, prefill prompt chunks within the budget, then
+        decode one token for every row whose prompt is in."""
         if not self.static or not self.running:
-            for slot in range(self.cache.lengths.numel()):
+            for slot in range(self.slots):
                 if slot not in self.running and self.queue:
                     self._admit(slot, *self.queue.popleft())
-        if not self.running:
-            return
-        slots = sorted(self.running)
-        rows = torch.tensor(slots, device=self.device)
-        last = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
-        out = self.model(last, cache=self.cache, rows=rows, decode=True)
-        self.steps.append(StepRecord(len(slots), [s.tokens_per_expert.tolist() for s in out.router_stats]))
-        for i, slot in enumerate(slots):
-            self._append(slot, out.logits[i, -1])
+        record = StepRecord(0, [])
+        budget = self.step_tokens - sum(1 for seq in self.running.values() if seq.tokens)
+        for slot in [slot for slot, seq in self.running.items() if not seq.tokens]:  # first come, first prefilled
+            if budget <= 0:
+                break
+            budget -= self._prefill(slot, budget, record)
+        slots = sorted(slot for slot, seq in self.running.items() if seq.tokens)
+        if slots:
+            rows = torch.tensor(slots, device=self.device)
+            last = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
+            out = self.model(last, cache=self.cache, rows=rows, decode=True)
+            record.batch_size = len(slots)
+            record.tokens_per_expert = [s.tokens_per_expert.tolist() for s in out.router_stats]
+            for i, slot in enumerate(slots):
+                self._append(slot, out.logits[i, -1], record)
+        return record
 
     def _admit(self, slot: int, request: Request, submitted_s: float) -> None:
-        """Prefill the prompt into a free slot and sample the request's first token."""
         self.cache.reset(slot)
         budget = new_token_budget(request.prompt, request.params, self.cache.capacity)
         self.running[slot] = _Running(request, request.params.generator(self.device), budget, submitted_s=submitted_s)
-        rows = torch.tensor([slot], device=self.device)
-        images = None if request.images is None else request.images[None].to(self.device)
-        out = self.model(torch.tensor([request.prompt], device=self.device), cache=self.cache, rows=rows, images=images,
-                         decode=True)
-        self._append(slot, out.logits[0, -1])
 
-    def _append(self, slot: int, logits_V: torch.Tensor) -> None:
+    def _prefill(self, slot: int, budget: int, record: StepRecord) -> int:
+        """The next chunk of a slot's prompt (at most `budget` tokens) into the cache; once the
+        whole prompt is in, its first token is sampled. Returns the chunk's length."""
+        seq = self.running[slot]
+        prompt, start = seq.request.prompt, seq.prefilled
+        chunk = prompt[start:start + budget]
+        images = None
+        if seq.request.images is not None and IMAGE_ID in chunk:  # the images whose markers are in this chunk
+            before = prompt[:start].count(IMAGE_ID)
+            images = seq.request.images[before:before + chunk.count(IMAGE_ID)][None].to(self.device)
+        out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache,
+                         rows=torch.tensor([slot], device=self.device), images=images, decode=True)
+        seq.prefilled += len(chunk)
+        record.prefill_tokens += len(chunk)
+        if seq.prefilled == len(prompt):
+            self._append(slot, out.logits[0, -1], record)
+        return len(chunk)
+
+    def _append(self, slot: int, logits_V: torch.Tensor, record: StepRecord) -> None:
         seq = self.running[slot]
         params = seq.request.params
         token = int(sample_next(logits_V[None], params, seq.generator))
         seq.tokens.append(token)
+        finish = None
         if token in params.stop_tokens:
-            self._finish(slot, "stop")
+            finish = "stop"
         elif len(seq.tokens) >= seq.budget:  # as `generate` stops: the same tokens, batched or alone
-            self._finish(slot, "length")
-
-    def _finish(self, slot: int, reason: str) -> None:
-        seq = self.running.pop(slot)
-        self.results.append(Result(seq.request.id, seq.tokens, reason, seq.submitted_s, time.perf_counter()))
+            finish = "length"
+        record.emitted.append(Emitted(seq.request.id, token, finish))
+        if finish:
+            del self.running[slot]
+            record.finished.append(Result(seq.request.id, seq.tokens, finish, seq.submitted_s, time.perf_counter()))
