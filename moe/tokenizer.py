@@ -37,6 +37,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def instruction_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """`<|user|> prompt <|assistant|>`: an instruction turn as instruction data trains it, the
+    response to follow (and end with <|endoftext|>)."""
+    return [tokenizer.token_to_id(USER), *tokenizer.encode(prompt).ids, tokenizer.token_to_id(ASSISTANT)]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():

@@ -245,50 +245,40 @@ from moe.train.trainer import RunOptions, Trainer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A trained (for a few steps) tiny model with its tokenizer."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(out / 'cache'))}", "data.sources={docs = 1}",
-                               "train.max_steps=3", "train.sample_tokens=0"])
-    Trainer(cfg, RunOptions(out / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
-    return out / "run"
-
-
 def generate_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
                           timeout=300)
 
 
-def test_generate_streams_a_continuation(run_dir):
-    proc = generate_cli("--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-new-tokens", "12",
+def test_generate_streams_a_continuation(tiny_run):
+    proc = generate_cli("--checkpoint", str(tiny_run), "--prompt", "def f(x):", "--max-new-tokens", "12",
                         "--temperature", "0", "--stream")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f(x):") and "tokens/s" in proc.stderr
 
 
-def test_generate_serves_a_prompt_file_with_continuous_batching(run_dir, tmp_path):
+def test_generate_serves_a_prompt_file_with_continuous_batching(tiny_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\nx = 1\n")
-    proc = generate_cli("--checkpoint", str(run_dir), "--prompt-file", str(prompts), "--max-new-tokens", "5",
+    proc = generate_cli("--checkpoint", str(tiny_run), "--prompt-file", str(prompts), "--max-new-tokens", "5",
                         "--slots", "2")
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith("--- ")] == \
         ["--- 0: import os", "--- 1: class A:", "--- 2: x = 1"]
 
 
-def test_generate_with_a_draft_reports_acceptance(run_dir):
-    proc = generate_cli("--checkpoint", str(run_dir), "--draft-checkpoint", str(run_dir), "--prompt", "a",
+def test_generate_with_a_draft_reports_acceptance(tiny_run):
+    proc = generate_cli("--checkpoint", str(tiny_run), "--draft-checkpoint", str(tiny_run), "--prompt", "a",
                         "--max-new-tokens", "10", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert "acceptance 100%" in proc.stderr
 
 
-def test_a_draft_with_another_vocabulary_is_one_clear_error(run_dir, tmp_path):
+def test_a_draft_with_another_vocabulary_is_one_clear_error(tiny_run, tmp_path):
     cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
                                "model.vocab_size=384", "train.max_steps=1", "train.sample_tokens=0"])
     Trainer(cfg, RunOptions(tmp_path / "other", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
-    proc = generate_cli("--checkpoint", str(run_dir), "--draft-checkpoint", str(tmp_path / "other"), "--prompt", "a")
+    proc = generate_cli("--checkpoint", str(tiny_run), "--draft-checkpoint", str(tmp_path / "other"), "--prompt", "a")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "its tokenizer differs from" in proc.stderr
 
@@ -301,10 +291,10 @@ def test_a_draft_with_another_vocabulary_is_one_clear_error(run_dir, tmp_path):
     (["--prompt-file", "nothere.txt"], "--prompt-file nothere.txt: no such file"),
     (["--prompt-file", "EMPTY"], "no prompts in it"),
 ])
-def test_generate_errors_are_one_clear_line(run_dir, args, message, tmp_path):
+def test_generate_errors_are_one_clear_line(tiny_run, args, message, tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
-    args = [{"RUN": str(run_dir), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in args]
-    proc = generate_cli("--checkpoint", str(run_dir), *args)
+    args = [{"RUN": str(tiny_run), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in args]
+    proc = generate_cli("--checkpoint", str(tiny_run), *args)
     assert proc.returncode == 2
     assert proc.stdout == "" and proc.stderr.count("\n") == 1  # nothing echoed first; the error on its own line
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe import MoETransformer, load_config
+from moe import MoETransformer
 from moe import checkpoint as ckpt
 from moe.infer.engine import Engine, Request
 from moe.infer.sampling import (
@@ -26,7 +26,6 @@ from moe.model.packed import (
     packed_linear,
     quantize_int8,
 )
-from moe.train.trainer import RunOptions, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
@@ -147,19 +146,10 @@ def test_engine_serves_int8_weights_and_cache_as_generate_does(model):
         assert r.tokens == list(generate(packed, prompts[r.id], GREEDY, kv_int8=True))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(out / 'cache'))}", "data.sources={docs = 1}",
-                               "train.max_steps=3", "train.sample_tokens=0", "train.eval_batches=1"])
-    Trainer(cfg, RunOptions(out / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
-    return out / "run"
-
-
-def test_loading_int8_packs_and_plain_loading_keeps_the_checkpoint(run_dir):
-    plain, _ = ckpt.load_for_inference(run_dir)
+def test_loading_int8_packs_and_plain_loading_keeps_the_checkpoint(tiny_run):
+    plain, _ = ckpt.load_for_inference(tiny_run)
     assert {p.dtype for p in plain.parameters()} == {torch.float32} and isinstance(plain.lm_head, nn.Linear)
-    int8, _ = ckpt.load_for_inference(run_dir, dtype=torch.int8)
+    int8, _ = ckpt.load_for_inference(tiny_run, dtype=torch.int8)
     assert int8.lm_head.weight.dtype == torch.int8 and next(int8.parameters()).dtype == torch.float32
 
 
@@ -167,12 +157,12 @@ def cli(script, *args):
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_and_bench_take_int8(run_dir, tmp_path):
-    proc = cli("generate.py", "--checkpoint", str(run_dir), "--prompt", "def", "--max-new-tokens", "5",
+def test_generate_and_bench_take_int8(tiny_run, tmp_path):
+    proc = cli("generate.py", "--checkpoint", str(tiny_run), "--prompt", "def", "--max-new-tokens", "5",
                "--temperature", "0", "--dtype", "int8", "--kv-int8", "--compile")  # the exported step
     assert proc.returncode == 0 and proc.stdout.startswith("def"), proc.stderr
     out = tmp_path / "quality.json"
-    proc = cli("bench.py", "quality", "--checkpoint", str(run_dir), "--dtype", "int8", "--kv-int8", "--prompts", "2",
+    proc = cli("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int8", "--kv-int8", "--prompts", "2",
                "--new-tokens", "8", "--val-batches", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -180,9 +170,9 @@ def test_generate_and_bench_take_int8(run_dir, tmp_path):
                                                               ("fp32", "int8"), ("int8", "int8")]
     assert rows[0]["top1_agreement"] == 1 and rows[0]["val_loss_change"] == 0 and rows[0]["tokens"] == 16
     assert all(0.5 < r["top1_agreement"] <= 1 and abs(r["val_loss_change"]) < 0.05 for r in rows)
-    proc = cli("bench.py", "decode", "--checkpoint", str(run_dir), "--dtype", "int8", "--batch-sizes", "1",
+    proc = cli("bench.py", "decode", "--checkpoint", str(tiny_run), "--dtype", "int8", "--batch-sizes", "1",
                "--prompt-lens", "8", "--new-tokens", "3", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "int8 weights, float32 activations" in proc.stdout
-    bad = cli("bench.py", "quality", "--checkpoint", str(run_dir), "--dtype", "int4")
+    bad = cli("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int4")
     assert bad.returncode == 2 and "unknown dtype 'int4'" in bad.stderr

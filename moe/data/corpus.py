@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from ..config import DataConfig, ModelConfig
 from ..files import atomic_write, read_jsonl
-from ..tokenizer import ASSISTANT, EOT, PAD, USER, load_tokenizer, train_tokenizer
+from ..tokenizer import EOT, PAD, instruction_prompt, load_tokenizer, train_tokenizer
 from .batches import Batch
 from .captions import CaptionData
 
@@ -266,7 +266,7 @@ class InstructData:
     def encode(self, prompt: str, response: str) -> tuple[list[int], list[bool]]:
         """Token ids and, per token, whether the loss is taken on it (the response and its end)."""
         t = self.tokenizer
-        head = [t.token_to_id(USER), *t.encode(prompt).ids, t.token_to_id(ASSISTANT)]
+        head = instruction_prompt(t, prompt)
         tail = [*t.encode(response).ids, t.token_to_id(EOT)] if response else []
         return head + tail, [False] * len(head) + [True] * len(tail)
 
