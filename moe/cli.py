@@ -133,6 +133,17 @@ def int_list(text: str) -> tuple[int, ...]:
     return tuple(positive_int(x) for x in text.split(","))
 
 
+def positive_float_list(text: str) -> tuple[float, ...]:
+    """argparse type: `0.5,2` -> (0.5, 2.0), each > 0."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: each must be > 0")
+    return values
+
+
 def device_arg(text: str) -> torch.device:
     """argparse type for --device: cpu, cuda or cuda:N, checked against this machine."""
     try:

@@ -15,6 +15,7 @@ from moe import MoETransformer, costmodel, load_config
 from moe.bench import benchmarks
 from moe.bench.claims import claims
 from moe.bench.commands import build_parser
+from moe.bench.serving import at_equal_latency, poisson_load
 from moe.model.kv_cache import KVCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +188,7 @@ def test_bench_help_documents_every_command(capsys):
     proc = run("bench.py", "--help")  # the entry point itself, once
     assert proc.returncode == 0
     for command in ("machine", "decode", "experts", "batching", "speculative", "costmodel", "moe-layer", "train-step",
-                    "parallel"):
+                    "parallel", "serve"):
         assert f"  {command} " in proc.stdout
         with pytest.raises(SystemExit) as exit:  # each command's own help, in this process (no start-up each)
             build_parser().parse_args([command, "--help"])
@@ -223,3 +224,29 @@ def test_the_documented_claims_table_is_what_the_cost_model_says():
     readme = (ROOT / "docs" / "benchmarks.md").read_text()
     for row in claims(load_config("gpt4").model):
         assert f"| {row['claim']} | {row['figure']} | {row['verdict']} |" in readme, row["claim"]
+
+
+def test_the_serve_benchmark_loads_both_engines_over_http(tmp_path, tiny_run):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    proc = run("bench.py", "serve", "--checkpoint", str(tiny_run), "--rates", "20,40", "--requests", "6", "--slots", "4",
+               "--timeout", "60", "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["rate"]) for r in result["rows"]] == [("static", 20), ("static", 40), ("continuous", 20),
+                                                                 ("continuous", 40)]
+    for row in result["rows"]:  # every request streamed exactly the Pareto length it asked for
+        asked = sum(a.max_tokens for a in poisson_load(6, row["rate"], 512, 64))
+        assert row["served"] == 6 and row["tokens"] == asked and not row["errors"]
+        assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p99"] <= row["latency_s"]["p99"]
+    assert set(result["at_equal_p99"]) == {"ttft_s", "per_token_s", "latency_s"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_throughput_at_equal_latency_is_read_off_the_other_curve():
+    def row(mode, tokens_per_s, p99):
+        return {"mode": mode, "rate": tokens_per_s, "served": 1, "tokens_per_s": tokens_per_s, "ttft_s": {"p99": p99}}
+    rows = [row("static", 10, 1.0), row("static", 20, 4.0),
+            row("continuous", 10, 0.5), row("continuous", 30, 1.5), row("continuous", 40, 3.0)]
+    found = at_equal_latency(rows, "ttft_s")
+    assert [(p["ratio"], p["lower_bound"]) for p in found] == [(2.0, False), (2.0, True)]  # 20 at 1.0 s, interpolated

@@ -6,6 +6,8 @@ with the `plot` extra (pip install -e '.[plot]'), `--plot PATH.png` draws the cu
                percentiles, MFU and MBU against `machine`, KV-cache bytes for MQA / GQA / MHA
   experts      tokens per expert per decode step at each batch size, against uniform routing
   batching     static vs continuous batching on a long-tailed workload
+  serve        the OpenAI server under Poisson load: throughput, TTFT and inter-token latency, continuous
+               batching against the static engine
   speculative  speculative vs plain greedy decoding at batch 1..8, against the closed form
   quality      bf16 and int8 weights (and an int8 KV cache) against fp32: top-1 agreement, validation loss
   costmodel    the analytic cost model for a config on a GPU (or this CPU), and --claims:
@@ -26,6 +28,7 @@ Examples:
   python bench.py quality --checkpoint runs/small --dtype bf16,int8 --kv-int8
   python bench.py experts --batch-sizes 1,8,64
   python bench.py speculative --checkpoint runs/small --draft-checkpoint runs/draft
+  python bench.py serve --checkpoint runs/small --rates 1,2,4,8,16,32 --plot serve.png
   python bench.py costmodel --config gpt4 --hardware h100-sxm --tp 8 --batch 1
   python bench.py costmodel --claims
   torchrun --nproc_per_node 2 bench.py parallel --config small --train.pp=2 --microbatches 1,2,4,8
@@ -53,6 +56,7 @@ from ..cli import (
     device_arg,
     int_list,
     parse_args,
+    positive_float_list,
     positive_int,
     print_table,
     write_json,
@@ -64,7 +68,8 @@ from ..model import MoETransformer, activation_dtype, pack_for_inference
 from . import benchmarks
 from .claims import claims
 from .parallel import expert_split, sweep
-from .plots import plot_decode, plot_experts, plot_speculative
+from .plots import plot_decode, plot_experts, plot_serving, plot_speculative
+from .serving import LATENCIES, serve_benchmark
 
 
 def comma_list(what: str, known) -> Callable[[str], tuple[str, ...]]:
@@ -112,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=positive_int, default=64)
     p.add_argument("--slots", type=positive_int, default=8)
     commands["batching"] = p
+
+    p = add("serve", "the OpenAI server (python -m moe.serve, started on 127.0.0.1) under Poisson arrivals with "
+                     "Pareto output lengths: throughput, time to first token, inter-token latency p50/p99 at each "
+                     "rate, continuous batching against the static engine under the same load")
+    p.add_argument("--checkpoint", required=True, help="a run directory or checkpoint")
+    p.add_argument("--rates", type=positive_float_list, default=(1, 2, 4, 8, 16, 32),
+                   help="mean arrivals per second, one load each (default 1,2,4,8,16,32)")
+    p.add_argument("--requests", type=positive_int, default=64, help="requests per load (default 64)")
+    p.add_argument("--slots", type=positive_int, default=16, help="the servers' --slots (default 16)")
+    p.add_argument("--timeout", type=positive_int, default=300,
+                   help="seconds a load may run past its last arrival; what is unfinished then counts as not "
+                        "served (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="arrivals, prompts and lengths (default 0)")
+    commands["serve"] = p
 
     p = add("speculative", "speculative vs plain greedy decoding with a draft model, at batch 1..8")
     p.add_argument("--draft-checkpoint", required=True, help="a smaller model sharing the tokenizer")
@@ -187,18 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("decode", "experts", "batching"):
         commands[name].add_argument("--checkpoint", help="a run directory or checkpoint (default: random weights)")
     commands["speculative"].add_argument("--checkpoint", required=True, help="the target: a run directory or checkpoint")
-    for name in ("decode", "experts", "batching", "speculative"):
+    for name in ("decode", "experts", "batching", "speculative", "serve"):
         commands[name].add_argument("--dtype", choices=list(hardware.INFERENCE_DTYPES), default=None,
                                     help="the weights' dtype: fp32, bf16, or int8 (fp32 activations); default bf16 "
                                          "on CUDA, fp32 on a CPU")
-    for name in ("decode", "batching", "quality"):
+    for name in ("decode", "batching", "quality", "serve"):
         commands[name].add_argument("--kv-int8", action="store_true",
                                     help="also (quality) or instead keep the KV cache in int8")
     for name, p in commands.items():
         add_config_args(p)
         p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-        if name in ("decode", "experts", "speculative"):
+        if name in ("decode", "experts", "speculative", "serve"):
             p.add_argument("--plot", metavar="PNG", help="also draw the results (needs the plot extra)")
     return parser
 
@@ -296,6 +315,32 @@ def batching(args, cfg: ModelConfig) -> dict:
                                  ("mean_latency_s", "mean latency s", ".2f"), ("p99_latency_s", "p99 s", ".2f"),
                                  ("slot_utilisation", "slots busy", ".0%"), ("decode_steps", "steps", "d")])
     print(f"continuous / static throughput: {result['speedup']:.2f}x")
+    return result
+
+
+def serve(args, cfg: ModelConfig) -> dict:
+    folder = resolve_checkpoint(args.checkpoint)
+    model_cfg = load_config_from(folder).model
+    server_args = ["--device", str(args.device), *(["--dtype", args.dtype] if args.dtype else []),
+                   *(["--kv-int8"] if args.kv_int8 else [])]
+    print(f"{args.requests} streamed greedy completions a load ({folder}), Poisson arrivals, prompts of 16-64 random "
+          f"tokens, outputs 4 x (1 + Pareto(1.2)) tokens capped at 160; {args.slots} slots; static engine first")
+    result = serve_benchmark(str(folder), "bench", model_cfg.vocab_size, model_cfg.max_seq_len, list(args.rates),
+                             args.requests, args.slots, args.timeout, args.seed, tuple(server_args))
+    print_table([{**r, **{f"{k}_{q}": r[k][q] * 1e3 for k in ("ttft_s", "itl_s", "per_token_s", "latency_s")
+                          for q in ("p50", "p99")}} for r in result["rows"]],
+                [("mode", "batching", "s"), ("rate", "req/s", "g"), ("served", "served", "d"),
+                 ("tokens_per_s", "tokens/s", ",.0f"), ("ttft_s_p50", "TTFT p50 ms", ",.0f"),
+                 ("ttft_s_p99", "TTFT p99 ms", ",.0f"), ("itl_s_p50", "ITL p50 ms", ",.1f"),
+                 ("itl_s_p99", "ITL p99 ms", ",.1f"), ("per_token_s_p99", "ms/token p99", ",.1f"),
+                 ("latency_s_p99", "latency p99 ms", ",.0f")])
+    for key, name in LATENCIES.items():
+        points = result["at_equal_p99"][key]
+        print(f"at the static engine's p99 {name}: continuous / static throughput " + (", ".join(
+            f"{'>=' if p['lower_bound'] else ''}{p['ratio']:.2f}x ({p['p99_s'] * 1e3:,.0f} ms)" for p in points)
+            or "(no point where continuous batching was as slow)"))
+    if args.plot:
+        plot_serving(args.plot, result)
     return result
 
 
@@ -464,4 +509,4 @@ def parallel(args, config) -> dict:
 
 COMMANDS = {"machine": machine, "decode": decode, "experts": experts, "batching": batching,
             "speculative": speculative, "quality": quality, "costmodel": cost_model, "moe-layer": moe_layer, "train-step": train_step,
-            "parallel": parallel}
+            "parallel": parallel, "serve": serve}

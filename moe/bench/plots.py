@@ -57,3 +57,18 @@ def plot_speculative(path: str, result: dict) -> None:
     line_plot(path, result["rows"], [("speedup", "o-", "measured"), ("closed_form_speedup", "s--", "closed form"),
                                      ("costed_speedup", "^:", "costed (verify as measured)")],
               ylabel="speedup over plain decoding")
+
+
+def plot_serving(path: str, result: dict) -> None:
+    """p99 latencies against throughput, one curve per batching mode: the further right at a given
+    height, the more a server serves within that latency."""
+    plt = pyplot()
+    panels = (("ttft_s", "time to first token"), ("per_token_s", "latency per output token"), ("itl_s", "inter-token latency"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, name) in zip(axes, panels):
+        for mode, style in (("static", "s--"), ("continuous", "o-")):
+            rows = [r for r in result["rows"] if r["mode"] == mode and r["served"]]
+            ax.plot([r["tokens_per_s"] for r in rows], [r[key]["p99"] * 1e3 for r in rows], style, label=mode)
+        ax.set(xlabel="throughput (tokens/s)", ylabel=f"p99 {name} (ms)", yscale="log")
+        ax.legend()
+    save(plt, fig, path)

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s as %r: %d slots, queue %d, %s batching, step budget %d tokens, weights %s", folder, name,
         args.slots, args.max_queue, "static" if args.static else "continuous", args.step_tokens,
         str(next(model.parameters()).dtype).removeprefix("torch."))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    sock = config.bind_socket()  # bound here, so the port (with --port 0, any free one) is known and said
+    print(f"moe.serve: listening on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

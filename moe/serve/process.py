@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"moe.serve: listening on http://127\.0\.0\.1:(\d+)")
 
 
 class ServerProcess:
@@ -36,17 +36,26 @@ class ServerProcess:
                                       "--port", "0"], stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + self.start_timeout_s
-        while self.port is None:
+        while not self._healthy():
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"the server did not listen within {self.start_timeout_s:.0f} s:\n{self.log()}")
-            found = LISTENING.search(self.log())
-            self.port = int(found.group(1)) if found else None
+                raise TimeoutError(f"the server was not serving within {self.start_timeout_s:.0f} s:\n{self.log()}")
             time.sleep(0.1)
         return self
+
+    def _healthy(self) -> bool:
+        if self.port is None:
+            found = LISTENING.search(self.log())
+            self.port = int(found.group(1)) if found else None
+            return False
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                return response.status == 200
+        except OSError:  # not accepting yet (URLError is one)
+            return False
 
     def __exit__(self, *exc) -> None:
         self.stop()
