@@ -171,6 +171,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_other_rows_decode(target
         Engine(target, slots=2, step_tokens=2)
 
 
+def test_short_prompts_waiting_together_are_prefilled_in_one_forward(target, tiny):
+    prompts = [torch.randint(5, tiny.vocab_size, (n,)).tolist() for n in (3, 9, 5, 12, 30)]
+    requests = [Request(p, SamplingParams(6, temperature=0), id=i) for i, p in enumerate(prompts)]
+    engine = Engine(target, slots=5, step_tokens=48)
+    forwards = []
+    target.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    for request in requests:
+        engine.submit(request)
+    assert engine.step().prefill_tokens == 3 + 9 + 5 + 12
+    assert forwards == [(4, 12), (4, 1)]  # 4 prompts padded to 12 (48 tokens, the budget), then their decode
+    engine.step()  # 48 less the 4 decoding rows leaves room for the 30
+    assert forwards[2:] == [(1, 30), (5, 1)]
+    results = {r.id: r.tokens for r in engine.run()}
+    for request in requests:  # padded or not, the same tokens
+        assert results[request.id] == list(generate(target, request.prompt, request.params))
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_next_step(target):
     engine = Engine(target, slots=1)
     for i in range(3):

@@ -11,6 +11,7 @@ on 127.0.0.1, every load bounded in requests and in seconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -128,10 +129,11 @@ def wait_idle(server: ServerProcess, timeout_s: float = 120.0) -> None:
 
 def serve_benchmark(checkpoint: str, model_name: str, vocab_size: int, context: int, rates: list[float],
                     requests: int, slots: int, timeout_s: float, seed: int = 0, server_args: tuple[str, ...] = (),
-                    say=print) -> dict:
+                    say=None) -> dict:
     """Each mode's server in turn, each rate's load against it (the same arrivals for both modes)."""
     if httpx is None:
         raise ValueError("bench.py serve needs the serve extra: pip install -e '.[serve]'")
+    say = say or functools.partial(print, flush=True)  # a line a load, as it ends
     rows = []
     for mode in ("static", "continuous"):
         args = ["--checkpoint", checkpoint, "--slots", str(slots), "--max-queue", str(requests),

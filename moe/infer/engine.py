@@ -4,7 +4,7 @@ Every step decodes one token for every active slot in a single forward. A slot w
 ends is refilled from the queue at the next step: the new request's prompt is prefilled into the
 slot in chunks under a per-step token budget (`step_tokens`, of which each decoding row takes
 one), so a long prompt delays the decoding rows by one chunk's time a step, never by its whole
-prefill. Once its prompt is in, the request samples its first token and joins the decode batch,
+prefill; short prompts waiting together are prefilled together, in one padded forward. Once its prompt is in, the request samples its first token and joins the decode batch,
 so the batch size varies step to step, as in the reference design's serving. `static=True`
 instead waits for the whole batch to finish before admitting more: the baseline continuous
 batching is measured against.
@@ -133,10 +133,12 @@ class Engine:
                     self._admit(slot, *self.queue.popleft())
         record = StepRecord(0, [])
         budget = self.step_tokens - sum(1 for seq in self.running.values() if seq.tokens)
-        for slot in [slot for slot, seq in self.running.items() if not seq.tokens]:  # first come, first prefilled
-            if budget <= 0:
-                break
-            budget -= self._prefill(slot, budget, record)
+        waiting = [slot for slot, seq in self.running.items() if not seq.tokens]  # first come, first prefilled
+        while budget > 0 and waiting:
+            group, chunk = self._prefill_group(waiting, budget)
+            self._prefill(group, chunk, record)
+            budget -= len(group) * chunk
+            waiting = waiting[len(group):]
         slots = sorted(slot for slot, seq in self.running.items() if seq.tokens)
         if slots:
             rows = torch.tensor(slots, device=self.device)
@@ -153,23 +155,51 @@ class Engine:
         budget = new_token_budget(request.prompt, request.params, self.cache.capacity)
         self.running[slot] = _Running(request, request.params.generator(self.device), budget, submitted_s=submitted_s)
 
-    def _prefill(self, slot: int, budget: int, record: StepRecord) -> int:
-        """The next chunk of a slot's prompt (at most `budget` tokens) into the cache; once the
-        whole prompt is in, its first token is sampled. Returns the chunk's length."""
-        seq = self.running[slot]
-        prompt, start = seq.request.prompt, seq.prefilled
-        chunk = prompt[start:start + budget]
+    def _prefill_group(self, waiting: list[int], budget: int) -> tuple[list[int], int]:
+        """The slots whose prompts go through the next prefill forward, and its chunk length: the
+        first waiting prompt's next chunk alone when the rest of it exceeds the budget (or it has
+        images); else as many of the waiting prompts' remainders, in order, as fit the budget
+        padded to the longest of them (one forward for several short prompts costs little more
+        than one: 16 prompts of 40 tokens, 5x less than one at a time at the `small` shape)."""
+        def rest(slot: int) -> int:
+            seq = self.running[slot]
+            return len(seq.request.prompt) - seq.prefilled
+
+        first = self.running[waiting[0]]
+        group, chunk = [waiting[0]], min(rest(waiting[0]), budget)
+        if rest(waiting[0]) > budget or first.request.images is not None:
+            return group, chunk
+        for slot in waiting[1:]:
+            longest = max(chunk, rest(slot))
+            fits = all(self.running[s].prefilled + longest <= self.cache.capacity for s in (*group, slot))
+            if self.running[slot].request.images is not None or (len(group) + 1) * longest > budget or not fits:
+                break
+            group.append(slot)
+            chunk = longest
+        return group, chunk
+
+    def _prefill(self, slots: list[int], chunk: int, record: StepRecord) -> None:
+        """The next `chunk` tokens of each slot's prompt into the cache in one forward, shorter
+        remainders padded after their end; a prompt that is then all in samples its first token.
+
+        The padding is harmless: a causal mask never lets a real token see the positions after it,
+        and the slot's length is rolled back past the padding, which the next write overwrites."""
+        seqs = [self.running[slot] for slot in slots]
+        pieces = [seq.request.prompt[seq.prefilled:seq.prefilled + chunk] for seq in seqs]
+        tokens = torch.tensor([piece + [0] * (chunk - len(piece)) for piece in pieces], device=self.device)
         images = None
-        if seq.request.images is not None and IMAGE_ID in chunk:  # the images whose markers are in this chunk
-            before = prompt[:start].count(IMAGE_ID)
-            images = seq.request.images[before:before + chunk.count(IMAGE_ID)][None].to(self.device)
-        out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache,
-                         rows=torch.tensor([slot], device=self.device), images=images, decode=True)
-        seq.prefilled += len(chunk)
-        record.prefill_tokens += len(chunk)
-        if seq.prefilled == len(prompt):
-            self._append(slot, out.logits[0, -1], record)
-        return len(chunk)
+        seq, piece = seqs[0], pieces[0]
+        if seq.request.images is not None and IMAGE_ID in piece:  # alone in its forward: the images of this chunk
+            before = seq.request.prompt[:seq.prefilled].count(IMAGE_ID)
+            images = seq.request.images[before:before + piece.count(IMAGE_ID)][None].to(self.device)
+        out = self.model(tokens, cache=self.cache, rows=torch.tensor(slots, device=self.device), images=images,
+                         decode=True)
+        for i, (slot, seq, piece) in enumerate(zip(slots, seqs, pieces)):
+            self.cache.lengths[slot] -= chunk - len(piece)
+            seq.prefilled += len(piece)
+            record.prefill_tokens += len(piece)
+            if seq.prefilled == len(seq.request.prompt):
+                self._append(slot, out.logits[i, len(piece) - 1], record)
 
     def _append(self, slot: int, logits_V: torch.Tensor, record: StepRecord) -> None:
         seq = self.running[slot]

@@ -206,6 +206,10 @@ def create_app(model, tokenizer: Tokenizer, name: str, slots: int = 16, max_queu
     async def api_error(request: Request, e: APIError):
         return e.response()
 
+    @app.exception_handler(EngineFailed)
+    async def engine_failed(request: Request, e: EngineFailed):
+        return APIError(str(e), status=500, kind="server_error").response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         error = e.errors()[0]
