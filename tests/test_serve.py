@@ -101,13 +101,22 @@ def test_32_concurrent_requests_each_get_what_they_get_alone(server):
         return r.choices[0].text, r.usage.completion_tokens
 
     alone = [ask(a) for a in asks]
-    batches_before = server.metric("moe_batch_size_count")
+    before = {name: server.metric(name) for name in ("moe_batch_size_count", "moe_batch_size_sum")}
+    routed_before = routed(server, layer=1)
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(ask, asks, timeout=120))
     assert together == alone
     assert [n for _, n in alone] == [a["max_tokens"] for a in asks]
-    steps = server.metric("moe_batch_size_count") - batches_before
-    assert sum(n for _, n in alone) / steps > 3  # they really were decoded together (8 slots)
+    steps, rows = (server.metric(name) - before[name] for name in before)
+    assert rows / steps > 3  # they really were decoded together (8 slots)
+    assert routed(server, layer=1) - routed_before == 2 * rows  # every decoded token went to top-2 experts
+
+
+def routed(server, layer: int) -> float:
+    """moe_expert_tokens_total summed over one layer's experts."""
+    lines = server.get("/metrics").splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("moe_expert_tokens_total{")
+               and f'layer="{layer}"' in line)
 
 
 def test_a_stop_string_ends_the_text_before_it(server):

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+import torch
+
 from ..checkpoint import load_for_inference, resolve_checkpoint
 from ..cli import device_arg, positive_int, run
 from ..hardware import INFERENCE_DTYPES, inference_dtype
@@ -50,12 +52,16 @@ def parser() -> argparse.ArgumentParser:
                    help="the weights' dtype: fp32, bf16, or int8 (fp32 activations); default bf16 on CUDA, fp32 on a CPU")
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="PyTorch's CPU threads (default: PyTorch's, one a core); fewer when clients share the machine")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = resolve_checkpoint(args.checkpoint)
     name = args.model_name or (folder.parent.parent.name if folder.parent.name == "checkpoints" else folder.name)
     model, tokenizer = load_for_inference(folder, args.device, inference_dtype(args.dtype, args.device), packed=True)

@@ -188,7 +188,7 @@ def create_app(model, tokenizer: Tokenizer, name: str, slots: int = 16, max_queu
                static: bool = False, kv_int8: bool = False, step_tokens: int = 512) -> FastAPI:
     cfg = model.cfg
     engine = Engine(model, slots, static=static, kv_int8=kv_int8, step_tokens=step_tokens)
-    metrics = ServerMetrics(cfg.n_layers if cfg.n_experts > 1 else 0, cfg.n_experts, slots)
+    metrics = ServerMetrics(cfg, slots)
     loop = EngineLoop(engine, max_queue, metrics)
     eot, user = tokenizer.token_to_id(EOT), tokenizer.token_to_id(USER)
     created = int(time.time())
@@ -200,7 +200,6 @@ def create_app(model, tokenizer: Tokenizer, name: str, slots: int = 16, max_queu
         loop.stop()  # uvicorn has already waited for the requests in flight: this ends the thread
 
     app = FastAPI(title="moe", lifespan=lifespan)
-    app.state.loop = loop
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

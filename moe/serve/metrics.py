@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from ..config import ModelConfig
 from ..infer.engine import StepRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -26,7 +27,7 @@ disable_created_metrics()  # no `_created` timestamp series beside every counter
 
 
 class ServerMetrics:
-    def __init__(self, n_layers: int, n_experts: int, slots: int):
+    def __init__(self, cfg: ModelConfig, slots: int):
         self.registry = registry = CollectorRegistry()
         self.queue_depth = Gauge("moe_queue_depth", "requests waiting for a slot", registry=registry)
         self.running = Gauge("moe_running_requests", "requests holding a slot (prefilling or decoding)",
@@ -49,10 +50,10 @@ class ServerMetrics:
         self.requests = Counter("moe_requests", "requests ended, by how: stop, length, cancelled (the client "
                                 "left or a stop string matched), error", ["finish"], registry=registry)
         self.rejected = Counter("moe_requests_rejected", "requests answered 429: the queue was full", registry=registry)
-        expert_tokens = Counter("moe_expert_tokens", "decoded tokens routed to each expert", ["layer", "expert"],
-                                registry=registry)
-        self._experts = [[expert_tokens.labels(str(layer), str(e)) for e in range(n_experts)]
-                         for layer in range(n_layers)]
+        expert_tokens = Counter("moe_expert_tokens", "decoded tokens routed to each expert of each MoE layer "
+                                "(layer: the block's index)", ["layer", "expert"], registry=registry)
+        self._experts = [[expert_tokens.labels(str(layer), str(e)) for e in range(cfg.n_experts)]
+                         for layer in range(cfg.n_layers) if cfg.is_moe_layer(layer)]
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._lock = threading.Lock()
 
