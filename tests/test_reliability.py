@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -209,13 +210,18 @@ def bad_inputs(run, cache_dir, tmp):
         (["bench.py", "warp"], "invalid choice: 'warp'"),
         (["-m", "moe.hf", "import", "--hf", str(tmp / "nowhere"), "--out", str(tmp / "x")], "no config.json there"),
         (["-m", "moe.hf", "export", "--checkpoint", str(run), "--out", str(run)], "exists and is not empty"),
+        (["-m", "moe.serve", "--checkpoint", str(tmp / "nowhere")], "no such file or directory"),
+        (["-m", "moe.serve", "--checkpoint", str(run), "--slots", "0"], "'0': must be >= 1"),
     ]
 
 
 def test_bad_input_is_one_line_and_touches_nothing(run_dir, cache_dir, tmp_path):
     before = digest(run_dir)
-    for args, message in bad_inputs(run_dir, cache_dir, tmp_path):
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    cases = bad_inputs(run_dir, cache_dir, tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each is mostly a Python start-up on one core
+        procs = pool.map(lambda case: subprocess.run([sys.executable, *case[0]], cwd=ROOT, env=ENV, capture_output=True,
+                                                     text=True, timeout=300), cases)
+    for (args, message), proc in zip(cases, procs):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "examples/s" not in line
                  and not line.startswith("usage:") and not line.startswith(" ")]
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
