@@ -32,12 +32,18 @@ SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight
 """
 
 
+def port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port number, 0-65535")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe.serve", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory or checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 = any free port (the log says which)")
+    p.add_argument("--port", type=port, default=8000, help="default 8000; 0 = any free port (the log says which)")
     p.add_argument("--model-name", default=None, help="the name clients ask for (default: the run directory's name)")
     p.add_argument("--slots", type=positive_int, default=16, help="requests decoded together at most (default 16)")
     p.add_argument("--max-queue", type=positive_int, default=256,
