@@ -4,10 +4,10 @@ Every step decodes one token for every active slot in a single forward. A slot w
 ends is refilled from the queue at the next step: the new request's prompt is prefilled into the
 slot in chunks under a per-step token budget (`step_tokens`, of which each decoding row takes
 one), so a long prompt delays the decoding rows by one chunk's time a step, never by its whole
-prefill; short prompts waiting together are prefilled together, in one padded forward. Once its prompt is in, the request samples its first token and joins the decode batch,
-so the batch size varies step to step, as in the reference design's serving. `static=True`
-instead waits for the whole batch to finish before admitting more: the baseline continuous
-batching is measured against.
+prefill; short prompts waiting together are prefilled together, in one padded forward. Once its
+prompt is in, the request samples its first token and joins the decode batch, so the batch size
+varies step to step, as in the reference design's serving. `static=True` instead waits for the
+whole batch to finish before admitting more: the baseline continuous batching is measured against.
 
 `step()` is the unit a server drives (requests join with `submit` and leave with `cancel`
 between steps; each step reports the tokens it produced); `run()` serves a list to completion.

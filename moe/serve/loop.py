@@ -149,11 +149,8 @@ class EngineLoop:
             del self._tickets[ticket.id]
 
     def _fail_all(self, message: str) -> None:
-        for request, _ in list(self.engine.queue):
-            self.engine.cancel(request.id)
-        for seq in list(self.engine.running.values()):
-            self.engine.cancel(seq.request.id)
         for ticket in list(self._tickets.values()):
+            self.engine.cancel(ticket.id)
             ticket.post(EngineFailed(message))
             self._end(ticket, "error")
 

@@ -22,8 +22,8 @@ from ..config import ModelConfig
 from ..infer.engine import StepRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-RATE_WINDOW_S = 10.0
-disable_created_metrics()  # no `_created` timestamp series beside every counter: 2 x 16 x layers lines of noise  # moe_generation_tokens_per_second averages over the last this many seconds
+RATE_WINDOW_S = 10.0  # moe_generation_tokens_per_second averages over the last this many seconds
+disable_created_metrics()  # no `_created` timestamp series beside every counter (one per expert and layer)
 
 
 class ServerMetrics:
