@@ -30,5 +30,9 @@ class StopSignals:
         if self.received is None:
             self.received = signum
             return
+        previous = self.previous.get(signum, signal.SIG_DFL)
         self.__exit__()  # a second signal: the handlers from before, and this signal handled by them
-        signal.raise_signal(signum)
+        if callable(previous):  # Python's own raises KeyboardInterrupt here, in this frame
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # the default action: terminate
+            signal.raise_signal(signum)
