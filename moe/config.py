@@ -182,6 +182,7 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_checkpoints: int = 2
     sample_tokens: int = 200  # generated at the end of the run (0 = none)
+    tensorboard: bool = False  # also log to OUT/tensorboard (the tensorboard extra), beside metrics.jsonl
     freeze_lm: bool = False  # train only the vision branch (Flamingo): the text model stays as it was
     gate_lr_scale: float = 10.0  # the vision branch's tanh gates learn this many times faster
     # The ViT and the resampler keep their random initial weights for this many steps, while the

@@ -212,6 +212,7 @@ def bad_inputs(run, cache_dir, tmp):
         (["-m", "moe.hf", "export", "--checkpoint", str(run), "--out", str(run)], "exists and is not empty"),
         (["-m", "moe.serve", "--checkpoint", str(tmp / "nowhere")], "no such file or directory"),
         (["-m", "moe.serve", "--checkpoint", str(run), "--slots", "0"], "'0': must be >= 1"),
+        (["-m", "moe.plot", str(tmp / "nowhere"), "--out", str(tmp / "runs.png")], "no metrics.jsonl there"),
     ]
 
 

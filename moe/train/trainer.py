@@ -140,6 +140,8 @@ class Trainer:
         self.peak_flops = options.peak_flops or matmul_peak(self.device, dtype=self.dtype)  # the precision's own
         self.peak_flops *= world.size  # the roofline of all the ranks together
         self.metrics_file = open(self.out / "metrics.jsonl", "a") if world.is_main else None
+        tensorboard = self.cfg.tensorboard and world.is_main
+        self.tensorboard = tensorboard_writer(self.out / "tensorboard") if tensorboard else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -404,6 +406,23 @@ class Trainer:
             return
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        if self.tensorboard is not None:
+            step = record.get("step", self.step)  # the summary counts "steps"
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "steps"):
+                    self.tensorboard.add_scalar(f"{record['type']}/{key}", value, step)
+            for layer, cv in enumerate(record.get("expert_cv") or []):  # how unevenly each layer's experts are used
+                self.tensorboard.add_scalar(f"experts/load_cv_layer_{layer}", cv, step)
+            self.tensorboard.flush()
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter logging into `folder` (train.tensorboard = true)."""
+    try:  # optional (the tensorboard extra), so imported only when asked for
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard = true needs the tensorboard extra: pip install -e '.[tensorboard]'") from None
+    return SummaryWriter(str(folder))
 
 
 class Meter:
