@@ -14,6 +14,7 @@ from moe.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TORCHRUN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint"}
+TENSORBOARD = {"--logdir"}
 
 
 def entry_point(name: str):
@@ -41,7 +42,7 @@ def known_flags() -> set[str]:
 
     parsers = [entry_point("train.py").build_parser(), entry_point("generate.py").build_parser(), bench(), hf(),
                serve()]
-    return set().union(*map(option_strings, parsers)) | TORCHRUN
+    return set().union(*map(option_strings, parsers)) | TORCHRUN | TENSORBOARD
 
 
 def config_key_exists(dotted: str) -> bool:

@@ -277,6 +277,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_bit_ident
 
 def test_a_second_signal_stops_at_once():
     with StopSignals() as stop:
+        assert stop.previous == {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
         stop.handle(signal.SIGINT, None)  # the first: noted, nothing else
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):  # the second: Python's own handler again, at once

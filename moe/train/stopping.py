@@ -4,7 +4,6 @@ finish and a checkpoint be written; a second one stops at once, as if this were 
 from __future__ import annotations
 
 import signal
-import threading
 
 
 class StopSignals:
@@ -17,8 +16,10 @@ class StopSignals:
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+        try:
             self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread, the only one where handlers can be set (Python says which)
+            self.previous = {}
         return self
 
     def __exit__(self, *exc) -> None:
