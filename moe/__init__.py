@@ -9,7 +9,8 @@ The package reads floor by floor; each floor imports only from the floors below 
     3  infer/                                        sampling, continuous batching, speculative decoding
     4  train/                                        the trainer, distributed layouts
        serve/                                        the OpenAI-compatible server (python -m moe.serve)
-    5  bench/, hf                                    benchmarks and claims, Hugging Face interop
+    5  bench/, hf, plot, experiments                 benchmarks and claims, Hugging Face interop, run plots,
+                                                     experiments
 
 The public API below is imported on first use, so `import moe.costmodel` works without torch.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,8 +18,14 @@ from .cli import run
 from .files import read_jsonl
 
 
-def read_run(folder: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records, each with its tokens_seen) of a run directory."""
+class Run(NamedTuple):
+    train: list[dict]
+    evals: list[dict]  # each with the tokens_seen of its step
+    summary: dict | None  # None until the run has finished
+
+
+def read_run(folder: str | Path) -> Run:
+    """A run directory's metrics.jsonl, by kind of record."""
     path = Path(folder) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no metrics.jsonl there (is it a run directory?)")
@@ -29,20 +36,20 @@ def read_run(folder: str | Path) -> tuple[list[dict], list[dict]]:
     tokens_at = {r["step"]: r["tokens_seen"] for r in train}
     per_step = train[0]["tokens_seen"] / train[0]["step"]
     evals = [r | {"tokens_seen": tokens_at.get(r["step"], r["step"] * per_step)} for r in records if r["type"] == "eval"]
-    return train, evals
+    return Run(train, evals, next((r for r in reversed(records) if r["type"] == "summary"), None))
 
 
 def plot_runs(folders: list[str | Path], out: str | Path) -> list[str]:
     """Draw the runs into `out`; returns the panels' titles, top row first."""
     plt = pyplot()
     runs = {Path(folder).name: read_run(folder) for folder in folders}
-    layers = max(len(train[-1].get("expert_share") or []) for train, _ in runs.values())
+    layers = max(len(r.train[-1].get("expert_share") or []) for r in runs.values())
     columns = max(3, layers)
     fig = plt.figure(figsize=(4.5 * columns, 3.6 * (1 + (len(runs) if layers else 0))))
     grid = fig.add_gridspec(1 + (len(runs) if layers else 0), columns)
     loss, schedule, speed = (fig.add_subplot(grid[0, i]) for i in range(3))
     rate, mfu = schedule.twinx(), speed.twinx()
-    for i, (name, (train, evals)) in enumerate(runs.items()):
+    for i, (name, (train, evals, _)) in enumerate(runs.items()):
         color = f"C{i}"
         tokens = [r["tokens_seen"] for r in train]
         loss.plot(tokens, [r["loss"] for r in train], color=color, alpha=0.5, label=f"{name} train")
@@ -60,7 +67,7 @@ def plot_runs(folders: list[str | Path], out: str | Path) -> list[str]:
     for ax in (loss, schedule, speed):
         ax.legend(fontsize="small")
     titles = [ax.get_title() for ax in (loss, schedule, speed)]
-    for row, (name, (train, _)) in enumerate(runs.items(), 1):
+    for row, (name, (train, _, _)) in enumerate(runs.items(), 1):
         shares = [r["expert_share"] for r in train if r.get("expert_share")]
         for layer in range(len(shares[0]) if shares else 0):
             ax = fig.add_subplot(grid[row, layer])

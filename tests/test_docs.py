@@ -37,11 +37,12 @@ def option_strings(parser: argparse.ArgumentParser) -> set[str]:
 @pytest.fixture(scope="module")
 def known_flags() -> set[str]:
     from moe.bench.commands import build_parser as bench
+    from moe.experiments import build_parser as experiments
     from moe.hf import build_parser as hf
     from moe.serve.__main__ import parser as serve
 
     parsers = [entry_point("train.py").build_parser(), entry_point("generate.py").build_parser(), bench(), hf(),
-               serve()]
+               serve(), experiments()]
     return set().union(*map(option_strings, parsers)) | TORCHRUN | TENSORBOARD
 
 

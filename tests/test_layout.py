@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "moe"
 # What moe/__init__.py's docstring says, as data: a module imports only from its own floor or below.
 FLOORS = {
     "moe.config": 0, "moe.costmodel": 0, "moe.tokenizer": 0, "moe.files": 0, "moe.shapes": 0, "moe.cli": 0,
-    "moe.hardware": 0, "moe.model": 1, "moe.data": 2, "moe.checkpoint": 2, "moe.infer": 3, "moe.train": 4, "moe.serve": 4, "moe.bench": 5, "moe.hf": 5, "moe.plot": 5,
+    "moe.hardware": 0, "moe.model": 1, "moe.data": 2, "moe.checkpoint": 2, "moe.infer": 3, "moe.train": 4, "moe.serve": 4, "moe.bench": 5, "moe.hf": 5, "moe.plot": 5, "moe.experiments": 5,
 }
 
 
