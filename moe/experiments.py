@@ -48,7 +48,10 @@ def run_point(out: Path, config: str, overrides: list[str], device: torch.device
     if (out / "metrics.jsonl").is_file() and read_run(out).summary is not None:
         print(f"{out.name}: finished, skipped")
         return
-    launch(config, overrides, out, device, resume=bool(ckpt.list_checkpoints(out)), quiet=True)
+    resume = bool(ckpt.list_checkpoints(out))
+    if not resume:  # stopped before its first checkpoint: nothing to continue, so no records to keep either
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    launch(config, overrides, out, device, resume=resume, quiet=True)
 
 
 def table_row(name: str, folder: Path) -> dict:
