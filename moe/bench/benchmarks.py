@@ -241,11 +241,16 @@ def batch1_decode(model, prompt_len: int = 16, new_tokens: int = 128, uncached_t
     return result
 
 
+def pareto_lengths(rng: np.random.Generator, n: int, min_new: int = 4, max_new: int = 160) -> np.ndarray:
+    """n output lengths min_new * (1 + Pareto(1.2)), capped at max_new: most short, a few long."""
+    return np.clip((min_new * (1 + rng.pareto(1.2, n))).astype(int), min_new, max_new)
+
+
 def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int = 16,
                          min_new: int = 4, max_new: int = 160) -> list:
     """n greedy requests whose output lengths follow a Pareto tail: most short, a few long."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip((min_new * (1 + rng.pareto(1.2, n))).astype(int), min_new, max_new)
+    lengths = pareto_lengths(rng, n, min_new, max_new)
     return [Request(rng.integers(0, vocab_size, prompt_len).tolist(),
                     SamplingParams(max_new_tokens=int(length), temperature=0), id=i)
             for i, length in enumerate(lengths)]

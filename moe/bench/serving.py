@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..serve.process import ServerProcess
+from .benchmarks import pareto_lengths
 
 try:
     import httpx
@@ -54,7 +55,7 @@ def poisson_load(n: int, rate: float, vocab_size: int, context: int, seed: int =
     longest = min(prompt_lens[1], context // 2)
     prompt_lens = (min(prompt_lens[0], longest), longest)
     at = np.cumsum(rng.exponential(1 / rate, n)) - 1 / rate
-    lengths = np.clip((min_new * (1 + rng.pareto(1.2, n))).astype(int), min_new, max_new)
+    lengths = pareto_lengths(rng, n, min_new, max_new)
     arrivals = []
     for t, length in zip(at, lengths):
         prompt_len = int(rng.integers(prompt_lens[0], prompt_lens[1] + 1))

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from ..infer.engine import Engine
 from ..infer.engine import Request as EngineRequest
-from ..infer.prompts import TextStream
+from ..infer.prompts import TextStream, prompt_with_images
 from ..infer.sampling import SamplingParams
 from ..tokenizer import EOT, USER, instruction_prompt
 from .loop import EngineFailed, EngineLoop, QueueFull, Ticket
@@ -127,7 +127,7 @@ def completion_prompt(body: CompletionRequest, tokenizer: Tokenizer, vocab_size:
                            "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return [tokenizer.token_to_id(EOT), *tokenizer.encode(prompt).ids]
+        return prompt_with_images(tokenizer, prompt, [], None)[0]
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise APIError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
