@@ -1,11 +1,64 @@
+import io
 import json
+import runpy
+import signal
+import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from moe import ModelConfig, MoETransformer, load_config
 from moe.train.trainer import RunOptions, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def entry_point(monkeypatch):
+    """entry_point(*args): what `python *args` in the repository does (a script, or `-m MODULE`),
+    run in this process: argv, working directory, stdout, stderr and the exit status as a child
+    process would have them, without a second Python's start-up (most of a bad-input test's time).
+    An exception that escapes prints its traceback and exits 1, as Python would."""
+    def call(*args) -> Ran:
+        args = [str(a) for a in args]
+        module = args[1] if args[0] == "-m" else None
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setenv("MOE_KEEP_FREED_MEMORY", "0")  # leave this process's allocator alone
+        monkeypatch.setattr(sys, "argv", [module or args[0], *args[2 if module else 1:]])
+        handlers, threads = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.get_num_threads()
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                if module:
+                    with warnings.catch_warnings():  # that this process imported the module before is expected
+                        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                        runpy.run_module(module, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what an uncaught exception does to a process
+                traceback.print_exc()
+                code = 1
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        torch.set_num_threads(threads)
+        return Ran(code, out.getvalue(), err.getvalue())
+
+    return call
 
 
 @pytest.fixture(autouse=True)

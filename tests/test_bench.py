@@ -111,7 +111,7 @@ def test_a_parallel_training_step_by_hand():
     assert costmodel.training_step(cfg, hw, 1000)["tp_bytes"] == 0
 
 
-def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path):
+def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path, entry_point):
     out = tmp_path / "p.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "bench.py", "parallel",
                            "--config", "tiny", "--train.pp=2", "--microbatches", "1,2", "--schedules", "1f1b,gpipe",
@@ -123,7 +123,8 @@ def test_the_parallel_benchmark_measures_a_pipeline_under_torchrun(tmp_path):
     for r in rows:
         assert 0 < r["step_s"] and 0 <= r["bubble"] < 1 and r["imbalance"] >= 1
         assert r["bubble_model"] == pytest.approx(1 / (r["microbatches"] + 1))
-    split = run("bench.py", "parallel", "--config", "tiny", "--expert-split", "256", "--iters", "2", "--json", str(out))
+    split = entry_point("bench.py", "parallel", "--config", "tiny", "--expert-split", "256", "--iters", "2", "--json",
+                        str(out))
     assert split.returncode == 0, split.stderr
     result = json.loads(out.read_text())
     assert result["rows_split"] == 512 and 0 < result["rows_divided"] < 512 and result["split_over_divided"] > 0
@@ -195,13 +196,13 @@ def test_bench_help_documents_every_command(capsys):
         assert exit.value.code == 0 and "--json" in capsys.readouterr().out
 
 
-def test_bench_commands_write_json(tmp_path):
+def test_bench_commands_write_json(tmp_path, entry_point):
     out = tmp_path / "r.json"
     for args in (["machine"], ["decode", "--config", "tiny", "--batch-sizes", "1,2", "--prompt-lens", "8",
                                "--new-tokens", "4"],
                  ["experts", "--config", "tiny", "--batch-sizes", "1,8", "--new-tokens", "4"],
                  ["costmodel", "--config", "gpt4", "--tp", "8", "--train-tokens", "13e12"]):
-        proc = run("bench.py", *args, "--json", str(out))
+        proc = entry_point("bench.py", *args, "--json", str(out))
         assert proc.returncode == 0, proc.stderr
         result = json.loads(out.read_text())
         assert result["benchmark"] == args[0]
@@ -212,10 +213,11 @@ def test_bench_commands_write_json(tmp_path):
     assert result["decode"]["bound"] == "memory" and result["training"]["flops"] > 2e25
 
 
-def test_plots_are_written(tmp_path):
+def test_plots_are_written(tmp_path, entry_point):
     pytest.importorskip("matplotlib")
     out = tmp_path / "experts.png"
-    proc = run("bench.py", "experts", "--config", "tiny", "--batch-sizes", "1,4", "--new-tokens", "3", "--plot", str(out))
+    proc = entry_point("bench.py", "experts", "--config", "tiny", "--batch-sizes", "1,4", "--new-tokens", "3", "--plot",
+                       str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -226,11 +228,11 @@ def test_the_documented_claims_table_is_what_the_cost_model_says():
         assert f"| {row['claim']} | {row['figure']} | {row['verdict']} |" in readme, row["claim"]
 
 
-def test_the_serve_benchmark_loads_both_engines_over_http(tmp_path, tiny_run):
+def test_the_serve_benchmark_loads_both_engines_over_http(tmp_path, tiny_run, entry_point):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
-    proc = run("bench.py", "serve", "--checkpoint", str(tiny_run), "--rates", "20,40", "--requests", "6", "--slots", "4",
-               "--timeout", "60", "--json", str(out), "--plot", str(png))
+    proc = entry_point("bench.py", "serve", "--checkpoint", str(tiny_run), "--rates", "20,40", "--requests", "6",
+                       "--slots", "4", "--timeout", "60", "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert [(r["mode"], r["rate"]) for r in result["rows"]] == [("static", 20), ("static", 40), ("continuous", 20),

@@ -1,8 +1,6 @@
 """The entry points: thin scripts, clear one-line errors, JSON results."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def test_bench_moe_layer_writes_json_with_the_ratio_to_floor(tmp_path):
+def test_bench_moe_layer_writes_json_with_the_ratio_to_floor(tmp_path, entry_point):
     out = tmp_path / "layer.json"
-    proc = run("bench.py", "moe-layer", "--config", "tiny", "--tokens", "128", "--iters", "1",
-               "--impls", "auto,loop", "--precision", "fp32", "--json", str(out))
+    proc = entry_point("bench.py", "moe-layer", "--config", "tiny", "--tokens", "128", "--iters", "1", "--impls",
+                       "auto,loop", "--precision", "fp32", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["ratio_to_floor"]["fp32"] > 0 and result["impl"] == {"fp32": "split"}
@@ -25,10 +19,10 @@ def test_bench_moe_layer_writes_json_with_the_ratio_to_floor(tmp_path):
     assert "ratio_to_floor" in proc.stdout
 
 
-def test_bench_train_step_reports_tokens_per_second(tmp_path):
+def test_bench_train_step_reports_tokens_per_second(tmp_path, entry_point):
     out = tmp_path / "step.json"
-    proc = run("bench.py", "train-step", "--config", "tiny", "--batch-size", "2", "--seq-len", "16",
-               "--iters", "2", "--json", str(out))
+    proc = entry_point("bench.py", "train-step", "--config", "tiny", "--batch-size", "2", "--seq-len", "16", "--iters",
+                       "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["tokens_per_s"] > 0
 
@@ -48,20 +42,20 @@ def test_bench_train_step_reports_tokens_per_second(tmp_path):
     (["bench.py", "experts", "--config", "dense_small"], "a dense model (model.n_experts=1) has no experts"),
     (["bench.py", "costmodel", "--hardware", "tpu"], "invalid choice: 'tpu'"),
 ])
-def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path):
+def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path, entry_point):
     if args[0] == "train.py":
         args = [*args, "--out", str(tmp_path / "run")]
-    proc = run(*args)
+    proc = entry_point(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["decode", "batching"])
-def test_inference_benchmarks_run_on_random_weights(command, tmp_path):
+def test_inference_benchmarks_run_on_random_weights(command, tmp_path, entry_point):
     out = tmp_path / "result.json"
     extra = ["--new-tokens", "8", "--batch-sizes", "1,2", "--prompt-lens", "8"] if command == "decode" \
         else ["--requests", "6", "--slots", "2"]
-    proc = run("bench.py", command, "--config", "tiny", *extra, "--json", str(out))
+    proc = entry_point("bench.py", command, "--config", "tiny", *extra, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     if command == "decode":

@@ -189,7 +189,6 @@ def test_a_layout_that_does_not_divide_the_processes_is_one_line(cache_dir, tmp_
     (["--train.expert_parallel=2", "--train.parallel=fsdp"], "combines with train.parallel='ddp' only"),
     (["--train.parallel=zero2"], "train.parallel='zero2'"),
 ])
-def test_bad_distributed_settings_are_one_line(cache_dir, tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "train.py", *flags(cache_dir, 1), *args, "--out", str(tmp_path / "x")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def test_bad_distributed_settings_are_one_line(cache_dir, tmp_path, args, message, entry_point):
+    proc = entry_point("train.py", *flags(cache_dir, 1), *args, "--out", tmp_path / "x")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

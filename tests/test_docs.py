@@ -1,4 +1,4 @@
-"""The manual cannot drift: every flag and config key that README.md and docs/*.md mention exists."""
+"""The manual cannot drift: every flag, config key and file that README.md and docs/*.md mention exists."""
 
 import argparse
 import importlib.util
@@ -17,7 +17,7 @@ TORCHRUN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--
 TENSORBOARD = {"--logdir"}
 
 
-def entry_point(name: str):
+def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -41,7 +41,7 @@ def known_flags() -> set[str]:
     from moe.hf import build_parser as hf
     from moe.serve.__main__ import parser as serve
 
-    parsers = [entry_point("train.py").build_parser(), entry_point("generate.py").build_parser(), bench(), hf(),
+    parsers = [load_script("train.py").build_parser(), load_script("generate.py").build_parser(), bench(), hf(),
                serve(), experiments()]
     return set().union(*map(option_strings, parsers)) | TORCHRUN | TENSORBOARD
 
@@ -62,6 +62,7 @@ def config_key_exists(dotted: str) -> bool:
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*(?:\.[a-z_][a-z0-9_.]*)?(?![\w.])")
 FILES = r"(?!(?:py|md|json|safetensors|pt|npy|jsonl|toml)\b)"  # model.safetensors is a file, not a key
 DOTTED = re.compile(rf"(?<![\w./-])(model|data|train)\.{FILES}([a-z_]+(?:\.[a-z_]+)*)(?![\w(])")
+LINK = re.compile(r"\]\((?!https?://|#|mailto:)([^)#\s]+)[^)]*\)")  # [text](path#anchor), ![alt](path)
 DELIBERATE = {"--model.n_layer", "model.n_layer"}  # the misspelled key of the error-message example
 
 
@@ -102,7 +103,14 @@ def test_every_config_key_the_manual_mentions_exists(page):
     assert not unknown, f"{page.name} mentions config keys that do not exist: {sorted(unknown)}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_file_the_manual_links_exists(page):
+    missing = [target for target in LINK.findall(page.read_text()) if not (page.parent / target).exists()]
+    assert not missing, f"{page.name} links to files that do not exist: {missing}"
+
+
 def test_the_checks_can_fail():
     assert config_key_exists("model.vision.max_images") and config_key_exists("train.max_steps")
     assert not config_key_exists("model.n_layer") and not config_key_exists("train.max_steps.x")
     assert FLAG.findall("python train.py --model.n_layers=2 --resume") == ["--model.n_layers", "--resume"]
+    assert LINK.findall("[a](docs/a.md#b), [c](https://d.org/e), ![f](img/f.png), [g](#h)") == ["docs/a.md", "img/f.png"]

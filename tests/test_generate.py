@@ -1,6 +1,7 @@
 """Inference: the KV cache, sampling, continuous batching and speculative decoding."""
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -253,8 +254,6 @@ def test_draft_with_another_vocabulary_is_refused(target, tiny):
 # ---- the command line -------------------------------------------------------------------------
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from moe.train.trainer import RunOptions, Trainer
@@ -262,19 +261,19 @@ from moe.train.trainer import RunOptions, Trainer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def generate_cli(entry_point):
+    return partial(entry_point, "generate.py")
 
 
-def test_generate_streams_a_continuation(tiny_run):
+def test_generate_streams_a_continuation(tiny_run, generate_cli):
     proc = generate_cli("--checkpoint", str(tiny_run), "--prompt", "def f(x):", "--max-new-tokens", "12",
                         "--temperature", "0", "--stream")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f(x):") and "tokens/s" in proc.stderr
 
 
-def test_generate_serves_a_prompt_file_with_continuous_batching(tiny_run, tmp_path):
+def test_generate_serves_a_prompt_file_with_continuous_batching(tiny_run, tmp_path, generate_cli):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\nx = 1\n")
     proc = generate_cli("--checkpoint", str(tiny_run), "--prompt-file", str(prompts), "--max-new-tokens", "5",
@@ -284,14 +283,14 @@ def test_generate_serves_a_prompt_file_with_continuous_batching(tiny_run, tmp_pa
         ["--- 0: import os", "--- 1: class A:", "--- 2: x = 1"]
 
 
-def test_generate_with_a_draft_reports_acceptance(tiny_run):
+def test_generate_with_a_draft_reports_acceptance(tiny_run, generate_cli):
     proc = generate_cli("--checkpoint", str(tiny_run), "--draft-checkpoint", str(tiny_run), "--prompt", "a",
                         "--max-new-tokens", "10", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert "acceptance 100%" in proc.stderr
 
 
-def test_a_draft_with_another_vocabulary_is_one_clear_error(tiny_run, tmp_path):
+def test_a_draft_with_another_vocabulary_is_one_clear_error(tiny_run, tmp_path, generate_cli):
     cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
                                "model.vocab_size=384", "train.max_steps=1", "train.sample_tokens=0"])
     Trainer(cfg, RunOptions(tmp_path / "other", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
@@ -308,7 +307,7 @@ def test_a_draft_with_another_vocabulary_is_one_clear_error(tiny_run, tmp_path):
     (["--prompt-file", "nothere.txt"], "--prompt-file nothere.txt: no such file"),
     (["--prompt-file", "EMPTY"], "no prompts in it"),
 ])
-def test_generate_errors_are_one_clear_line(tiny_run, args, message, tmp_path):
+def test_generate_errors_are_one_clear_line(tiny_run, args, message, tmp_path, generate_cli):
     (tmp_path / "empty.txt").write_text("\n \n")
     args = [{"RUN": str(tiny_run), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in args]
     proc = generate_cli("--checkpoint", str(tiny_run), *args)

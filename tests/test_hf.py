@@ -4,6 +4,7 @@ own MixtralForCausalLM, identical greedy generation, exact round trips, clear re
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -90,15 +91,14 @@ def test_import_of_export_is_bit_identical_and_the_tokenizer_loads(tmp_path, tok
     assert {p.stat().st_mode & 0o777 for p in hf.iterdir()} == {0o666 & ~current_umask()}  # the weights too
 
 
-def test_transformers_tokenizer_and_generate_answer_as_generate_py_does(tmp_path):
+def test_transformers_tokenizer_and_generate_answer_as_generate_py_does(tmp_path, entry_point):
     cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
                                "train.max_steps=30", "train.sample_tokens=0"])
     Trainer(cfg, RunOptions(tmp_path / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
     hf = export(tmp_path / "run", tmp_path / "hf")
     prompt = "def main():"
-    ours = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt,
-                           "--temperature", "0", "--max-new-tokens", "24"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    ours = entry_point("generate.py", "--checkpoint", tmp_path / "run", "--prompt", prompt, "--temperature", "0",
+                       "--max-new-tokens", "24")
     assert ours.returncode == 0, ours.stderr
     auto = transformers.AutoTokenizer.from_pretrained(hf)
     ids = auto(prompt, return_tensors="pt").input_ids
@@ -108,11 +108,10 @@ def test_transformers_tokenizer_and_generate_answer_as_generate_py_does(tmp_path
     assert ours.stdout == prompt + auto.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
-def test_an_imported_run_is_not_resumable_but_can_start_one(tmp_path, tokenizer):
+def test_an_imported_run_is_not_resumable_but_can_start_one(tmp_path, tokenizer, entry_point):
     run, _ = saved_run(tmp_path, tokenizer)
     back = import_(export(run, tmp_path / "hf"), tmp_path / "back")
-    proc = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "back"), "--resume"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = entry_point("train.py", "--out", tmp_path / "back", "--resume")
     assert proc.returncode == 2 and "holds weights only" in proc.stderr and "--init-from" in proc.stderr
     assert back.is_dir()
 
@@ -171,12 +170,8 @@ def test_a_vision_model_exports_its_text_part(tmp_path, tokenizer):
         assert (ours.eval()(tokens).logits - theirs(tokens).logits).abs().max() < 1e-4
 
 
-def hf_cli(*args, env_code=""):
-    code = f"{env_code}import sys; from moe.hf import main; from moe.cli import run; run(main, sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def test_cli_round_trip_and_one_line_errors(tmp_path, tokenizer):
+def test_cli_round_trip_and_one_line_errors(tmp_path, tokenizer, entry_point, monkeypatch):
+    hf_cli = partial(entry_point, "-m", "moe.hf")
     run, _ = saved_run(tmp_path, tokenizer)
     proc = hf_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr
@@ -189,8 +184,8 @@ def test_cli_round_trip_and_one_line_errors(tmp_path, tokenizer):
     ]:
         proc = hf_cli(*args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    proc = hf_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "hf2"),
-                  env_code="import sys; sys.modules['transformers'] = None; ")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
+    proc = hf_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "hf2"))
     assert proc.returncode == 2 and "pip install -e '.[hf]'" in proc.stderr
 
 

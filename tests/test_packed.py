@@ -1,8 +1,6 @@
 """Inference weights: packed fp32 / bf16 / int8, the int8 KV cache, and the compiled decode step."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,26 +151,22 @@ def test_loading_int8_packs_and_plain_loading_keeps_the_checkpoint(tiny_run):
     assert int8.lm_head.weight.dtype == torch.int8 and next(int8.parameters()).dtype == torch.float32
 
 
-def cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300)
-
-
-def test_generate_and_bench_take_int8(tiny_run, tmp_path):
-    proc = cli("generate.py", "--checkpoint", str(tiny_run), "--prompt", "def", "--max-new-tokens", "5",
-               "--temperature", "0", "--dtype", "int8", "--kv-int8", "--compile")  # the exported step
+def test_generate_and_bench_take_int8(tiny_run, tmp_path, entry_point):
+    proc = entry_point("generate.py", "--checkpoint", str(tiny_run), "--prompt", "def", "--max-new-tokens", "5",
+                       "--temperature", "0", "--dtype", "int8", "--kv-int8", "--compile")  # the exported step
     assert proc.returncode == 0 and proc.stdout.startswith("def"), proc.stderr
     out = tmp_path / "quality.json"
-    proc = cli("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int8", "--kv-int8", "--prompts", "2",
-               "--new-tokens", "8", "--val-batches", "1", "--json", str(out))
+    proc = entry_point("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int8", "--kv-int8",
+                       "--prompts", "2", "--new-tokens", "8", "--val-batches", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["weights"], r["kv_cache"]) for r in rows] == [("fp32", "float32"), ("int8", "float32"),
                                                               ("fp32", "int8"), ("int8", "int8")]
     assert rows[0]["top1_agreement"] == 1 and rows[0]["val_loss_change"] == 0 and rows[0]["tokens"] == 16
     assert all(0.5 < r["top1_agreement"] <= 1 and abs(r["val_loss_change"]) < 0.05 for r in rows)
-    proc = cli("bench.py", "decode", "--checkpoint", str(tiny_run), "--dtype", "int8", "--batch-sizes", "1",
-               "--prompt-lens", "8", "--new-tokens", "3", "--json", str(out))
+    proc = entry_point("bench.py", "decode", "--checkpoint", str(tiny_run), "--dtype", "int8", "--batch-sizes", "1",
+                       "--prompt-lens", "8", "--new-tokens", "3", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "int8 weights, float32 activations" in proc.stdout
-    bad = cli("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int4")
+    bad = entry_point("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int4")
     assert bad.returncode == 2 and "unknown dtype 'int4'" in bad.stderr

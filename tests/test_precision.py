@@ -3,8 +3,6 @@ resuming and generating in bf16. Every test runs on any CPU: PyTorch computes bf
 (emulated where the hardware lacks it), so only `auto`'s choice depends on the machine."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,20 +136,16 @@ def test_bf16_asked_of_a_device_without_it_is_refused_before_any_work(cache_dir,
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300)
-
-
-def test_generate_and_bench_take_a_dtype(cache_dir, tmp_path):
+def test_generate_and_bench_take_a_dtype(cache_dir, tmp_path, entry_point):
     Trainer(tiny(cache_dir, "train.max_steps=2"), RunOptions(tmp_path / "run", CPU, peak_flops=1e11, quiet=True)).train()
-    proc = cli("generate.py", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "5",
-               "--temperature", "0", "--dtype", "bf16")
+    proc = entry_point("generate.py", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "5",
+                       "--temperature", "0", "--dtype", "bf16")
     assert proc.returncode == 0 and proc.stdout.startswith("def"), proc.stderr
-    bad = cli("generate.py", "--checkpoint", str(tmp_path / "run"), "--dtype", "fp16")
+    bad = entry_point("generate.py", "--checkpoint", str(tmp_path / "run"), "--dtype", "fp16")
     assert bad.returncode == 2 and "invalid choice: 'fp16'" in bad.stderr
     out = tmp_path / "decode.json"
-    proc = cli("bench.py", "decode", "--config", "tiny", "--batch-sizes", "1", "--prompt-lens", "8", "--new-tokens", "3",
-               "--dtype", "bf16", "--json", str(out))
+    proc = entry_point("bench.py", "decode", "--config", "tiny", "--batch-sizes", "1", "--prompt-lens", "8",
+                       "--new-tokens", "3", "--dtype", "bf16", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     peak = json.loads(out.read_text())["matmul_flops"]
@@ -159,24 +153,24 @@ def test_generate_and_bench_take_a_dtype(cache_dir, tmp_path):
     assert result["rows"][0]["mfu"] == pytest.approx(result["rows"][0]["gflops"] * 1e9 / peak)  # against bf16's peak
 
 
-def test_train_step_and_moe_layer_benchmarks_compare_precisions_turn_by_turn(tmp_path):
+def test_train_step_and_moe_layer_benchmarks_compare_precisions_turn_by_turn(tmp_path, entry_point):
     out = tmp_path / "step.json"
-    proc = cli("bench.py", "train-step", "--config", "tiny", "--iters", "2", "--precision", "fp32,bf16",
-               "--json", str(out))
+    proc = entry_point("bench.py", "train-step", "--config", "tiny", "--iters", "2", "--precision", "fp32,bf16",
+                       "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["precision"], r["dtype"]) for r in rows] == [("fp32", "float32"), ("bf16", "bfloat16")]
     for r in rows:  # each against its own precision's peak
         assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"])
     assert rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
-    proc = cli("bench.py", "moe-layer", "--config", "tiny", "--iters", "2", "--tokens", "128", "--impls", "auto,loop",
-               "--precision", "fp32,bf16", "--json", str(out))
+    proc = entry_point("bench.py", "moe-layer", "--config", "tiny", "--iters", "2", "--tokens", "128", "--impls",
+                       "auto,loop", "--precision", "fp32,bf16", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert set(result["ratio_to_floor"]) == {"fp32", "bf16"}
     assert {(r["precision"], r["name"]) for r in result["rows"]} == {
         (p, n) for p in ("fp32", "bf16") for n in ("moe[auto]", "moe[loop]", "floor")}
-    bad = cli("bench.py", "train-step", "--precision", "fp16")
+    bad = entry_point("bench.py", "train-step", "--precision", "fp16")
     assert bad.returncode == 2 and "unknown precision 'fp16'" in bad.stderr
 
 

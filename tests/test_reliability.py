@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -216,13 +215,10 @@ def bad_inputs(run, cache_dir, tmp):
     ]
 
 
-def test_bad_input_is_one_line_and_touches_nothing(run_dir, cache_dir, tmp_path):
+def test_bad_input_is_one_line_and_touches_nothing(run_dir, cache_dir, tmp_path, entry_point):
     before = digest(run_dir)
-    cases = bad_inputs(run_dir, cache_dir, tmp_path)
-    with ThreadPoolExecutor(2) as pool:  # two at a time: each is mostly a Python start-up on one core
-        procs = pool.map(lambda case: subprocess.run([sys.executable, *case[0]], cwd=ROOT, env=ENV, capture_output=True,
-                                                     text=True, timeout=300), cases)
-    for (args, message), proc in zip(cases, procs):
+    for args, message in bad_inputs(run_dir, cache_dir, tmp_path):
+        proc = entry_point(*args)
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "examples/s" not in line
                  and not line.startswith("usage:") and not line.startswith(" ")]
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
@@ -230,7 +226,6 @@ def test_bad_input_is_one_line_and_touches_nothing(run_dir, cache_dir, tmp_path)
     assert digest(run_dir) == before  # the run directory is exactly as it was
 
 
-def test_debug_shows_the_traceback(run_dir, cache_dir, tmp_path):
-    proc = subprocess.run([sys.executable, *cli(tmp_path / "x", cache_dir, "--model.d_model=98", "--debug")[1:]],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+def test_debug_shows_the_traceback(cache_dir, tmp_path, entry_point):
+    proc = entry_point(*cli(tmp_path / "x", cache_dir, "--model.d_model=98", "--debug")[1:])
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "is not divisible" in proc.stderr

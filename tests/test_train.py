@@ -308,10 +308,10 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(cache_dir, tmp_path,
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
-def test_a_run_directory_is_never_overwritten(cache_dir, tmp_path):
+def test_a_run_directory_is_never_overwritten(cache_dir, tmp_path, entry_point):
     cfg = tiny_config(cache_dir, "train.max_steps=2")
     Trainer(cfg, RunOptions(tmp_path, torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
-    proc = subprocess.run(train_cli(tmp_path, cache_dir), capture_output=True, text=True, timeout=300)
+    proc = entry_point(*train_cli(tmp_path, cache_dir)[1:])
     assert proc.returncode == 2 and "already holds checkpoints: pass --resume" in proc.stderr
 
 
@@ -320,8 +320,8 @@ def test_a_run_directory_is_never_overwritten(cache_dir, tmp_path):
     (["--init-from", "/nonexistent/run"], "checkpoint /nonexistent/run: no such file or directory"),
     (["--data.sources={\"/no/such/file.txt\" = 1}"], "data source /no/such/file.txt: no such file or directory"),
 ])
-def test_train_cli_errors_are_one_clear_line(cache_dir, tmp_path, extra, message):
-    proc = subprocess.run(train_cli(tmp_path / "run", cache_dir, *extra), capture_output=True, text=True, timeout=300)
+def test_train_cli_errors_are_one_clear_line(cache_dir, tmp_path, extra, message, entry_point):
+    proc = entry_point(*train_cli(tmp_path / "run", cache_dir, *extra)[1:])
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
 

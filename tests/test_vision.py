@@ -2,9 +2,8 @@
 the synthetic caption data, training with a frozen text model, generation with images."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -291,12 +290,12 @@ def vision_run(cache_dir, tmp_path_factory):
     return out
 
 
-def generate_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def generate_cli(entry_point):
+    return partial(entry_point, "generate.py")
 
 
-def test_generate_captions_an_image(vision_run, tmp_path):
+def test_generate_captions_an_image(vision_run, tmp_path, generate_cli):
     image, _ = render_digits(np.random.default_rng(0), 40)
     image.save(tmp_path / "number.png")
     proc = generate_cli("--checkpoint", str(vision_run), "--image", str(tmp_path / "number.png"),
@@ -315,13 +314,13 @@ def test_generate_captions_an_image(vision_run, tmp_path):
     (["--image", "nowhere.png"], "nowhere.png: no such image"),
     (["--image", "README.md"], "README.md: not a readable image"),
 ])
-def test_generate_image_errors_are_one_clear_line(vision_run, args, message):
+def test_generate_image_errors_are_one_clear_line(vision_run, args, message, generate_cli):
     proc = generate_cli("--checkpoint", str(vision_run), *[str(ROOT / a) if a == "README.md" else a for a in args])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
     assert message in proc.stderr
 
 
-def test_images_need_a_vision_model_in_generate(tmp_path, cache_dir):
+def test_images_need_a_vision_model_in_generate(tmp_path, cache_dir, generate_cli):
     text = load_config("tiny", [f"data.cache_dir={json.dumps(cache_dir)}", "data.sources={docs = 1}",
                                 "train.max_steps=1", "train.sample_tokens=0"])
     Trainer(text, RunOptions(tmp_path / "text", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
