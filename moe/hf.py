@@ -19,7 +19,8 @@ mapping is a renaming plus a transpose of the stacked expert weights:
     norm.weight, lm_head.weight       model.norm.weight, lm_head.weight (absent when tied)
 
 A dense model (n_experts = 1) is a Mixtral with one expert that the router always picks (the
-softmax of one logit is exactly 1). Imports also accept transformers 5's fused expert tensors
+softmax of one logit is exactly 1). Top-1 of several experts is not exported: our single gate is
+the expert's probability (Switch's), Mixtral's is renormalised to 1. Imports also accept transformers 5's fused expert tensors
 (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Weights only; nothing is downloaded.
 The `hf` extra (pip install -e '.[hf]') provides transformers, used for the config and tokenizer.
 """
@@ -61,6 +62,9 @@ def to_hf_config(cfg: ModelConfig, eot: int, pad: int):
     if cfg.n_experts > 1 and cfg.moe_every != 1:
         raise ConfigError(f"model.moe_every={cfg.moe_every}: Mixtral has an MoE block in every layer, "
                           f"so a model with dense layers between MoE layers cannot be exported")
+    if cfg.n_experts > 1 and cfg.top_k == 1:
+        raise ConfigError(f"model.top_k=1 of {cfg.n_experts} experts: our gate is the chosen expert's probability "
+                          f"(Switch), Mixtral's is renormalised to 1, so this model cannot be exported")
     transformers = transformers_module()
     hf = transformers.MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -103,6 +107,9 @@ def from_hf_config(hf: dict, where: Path) -> ModelConfig:
         raise refuse(f"rope type {kind!r} (ours: default, or linear position interpolation)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     E, k = hf["num_local_experts"], hf["num_experts_per_tok"]
+    if E > 1 and k == 1:
+        raise refuse(f"num_experts_per_tok 1 of {E} experts (Mixtral's single gate is always 1; ours is the "
+                     f"expert's probability, as Switch's)")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=D, n_layers=hf["num_hidden_layers"], n_heads=H,
         n_kv_heads=hf.get("num_key_value_heads") or H, max_seq_len=hf["max_position_embeddings"],

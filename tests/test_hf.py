@@ -141,6 +141,7 @@ def test_missing_and_mismatched_tensors_are_clear_errors(tmp_path, tokenizer):
     ({"sliding_window": 16}, "sliding_window 16"),
     ({"head_dim": 8}, "head_dim 8"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
+    ({"num_experts_per_tok": 1}, "num_experts_per_tok 1 of 16 experts"),
 ])
 def test_import_refuses_what_it_cannot_represent(tmp_path, tokenizer, change, message):
     run, _ = saved_run(tmp_path, tokenizer)
@@ -152,9 +153,13 @@ def test_import_refuses_what_it_cannot_represent(tmp_path, tokenizer, change, me
     assert "moe cannot represent this model" in str(info.value)
 
 
-def test_export_refuses_dense_layers_between_moe_layers(tmp_path, tokenizer):
-    run, _ = saved_run(tmp_path, tokenizer, "model.moe_every=2")
-    with pytest.raises(Exception, match="model.moe_every=2: Mixtral has an MoE block in every layer"):
+@pytest.mark.parametrize("override, message", [
+    ("model.moe_every=2", "model.moe_every=2: Mixtral has an MoE block in every layer"),
+    ("model.top_k=1", "model.top_k=1 of 16 experts: our gate is the chosen expert's probability"),
+])
+def test_export_refuses_what_mixtral_cannot_express(tmp_path, tokenizer, override, message):
+    run, _ = saved_run(tmp_path, tokenizer, override)
+    with pytest.raises(Exception, match=message):
         export(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

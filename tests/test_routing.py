@@ -31,6 +31,16 @@ def test_gates_sum_to_one():
     assert (r.gates_TK > 0).all()
 
 
+def test_top_one_gates_are_the_chosen_probabilities_and_train_the_router():
+    logits = random_logits().requires_grad_()
+    r = route(logits, 1)  # Switch: renormalised, one gate would be exactly 1 and carry no gradient
+    torch.testing.assert_close(r.gates_TK, logits.softmax(-1).max(-1, keepdim=True).values)
+    assert (r.gates_TK < 1).all()
+    layer = moe_layer(top_k=1)
+    layer(torch.randn(64, 32)).y.square().mean().backward()  # the task loss alone
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
 def test_exactly_k_distinct_experts_per_token_and_they_are_the_top_k():
     logits = random_logits()
     r = route(logits, K)

@@ -7,7 +7,10 @@ Shape letters (moe/shapes.py): T tokens (batch and time flattened), E experts, K
 chosen per token (top-k), A assignments kept by dispatch (T * K when dropless).
 
 Semantics are Mixtral's: fp32 softmax over all E router logits, top-k, gates renormalised over
-the k chosen. The load-balancing loss is Switch's `E * sum_i f_i * P_i` with f_i the share of
+the k chosen. With k = 1 they are Switch Transformer's instead: the gate is the chosen expert's
+probability, since one renormalised gate is always exactly 1 and the router would learn from the
+auxiliary losses alone (measured: 0.5 nats behind top-2 at equal compute; docs/experiments.md).
+The load-balancing loss is Switch's `E * sum_i f_i * P_i` with f_i the share of
 *assignments* routed to expert i, so a perfectly balanced router scores exactly 1.0 for any k
 (transformers' Mixtral `load_balancing_loss_func` counts each token's k choices without the
 division by k and so scores k for the same router).
@@ -26,7 +29,7 @@ class Routing(NamedTuple):
     logits_TE: Tensor  # fp32 router logits
     probs_TE: Tensor  # fp32 softmax over all E experts
     experts_TK: Tensor  # int64 chosen experts, most probable first
-    gates_TK: Tensor  # fp32 weights of the chosen experts, summing to 1 over K
+    gates_TK: Tensor  # fp32 weights of the chosen experts: summing to 1 over K > 1; the probability at K = 1
 
 
 class Dispatch(NamedTuple):
@@ -41,11 +44,12 @@ class Dispatch(NamedTuple):
 
 
 def route(logits_TE: Tensor, k: int) -> Routing:
-    """Softmax over all experts in fp32, keep the top k, renormalise their gates to sum to 1."""
+    """Softmax over all experts in fp32, keep the top k, renormalise their gates to sum to 1
+    (k > 1); a single expert's gate is its probability (k = 1)."""
     logits_TE = logits_TE.float()
     probs_TE = logits_TE.softmax(dim=-1)
     top_TK, experts_TK = probs_TE.topk(k, dim=-1)
-    gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+    gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True) if k > 1 else top_TK
     return Routing(logits_TE, probs_TE, experts_TK, gates_TK)
 
 
