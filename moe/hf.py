@@ -20,8 +20,9 @@ mapping is a renaming plus a transpose of the stacked expert weights:
 
 A dense model (n_experts = 1) is a Mixtral with one expert that the router always picks (the
 softmax of one logit is exactly 1). Top-1 of several experts is not exported: our single gate is
-the expert's probability (Switch's), Mixtral's is renormalised to 1. Imports also accept transformers 5's fused expert tensors
-(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Weights only; nothing is downloaded.
+the expert's probability (Switch's), Mixtral's is renormalised to 1. Imports also accept
+transformers 5's fused expert tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`).
+Weights only; nothing is downloaded.
 The `hf` extra (pip install -e '.[hf]') provides transformers, used for the config and tokenizer.
 """
 
