@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .bench.plots import pyplot, save
 from .cli import device_arg, positive_int, print_table, run, write_json
 from .config import load_config
+from .files import read_jsonl
 from .plot import read_run
 from .train.launch import launch
 
@@ -43,9 +44,15 @@ def points(config: str) -> dict[str, list[str]]:
             "e64-top8": moe(64, 8, F // 4), "e16-top1": moe(16, 1, 2 * F)}
 
 
+def finished(out: Path) -> bool:
+    """Whether the run in `out` wrote its summary (it may have stopped before any training record)."""
+    path = out / "metrics.jsonl"
+    return path.is_file() and any(r["type"] == "summary" for _, r in read_jsonl(path, ("type",)))
+
+
 def run_point(out: Path, config: str, overrides: list[str], device: torch.device) -> None:
     """Train the point, resume it if it was interrupted, skip it if it has finished."""
-    if (out / "metrics.jsonl").is_file() and read_run(out).summary is not None:
+    if finished(out):
         print(f"{out.name}: finished, skipped")
         return
     resume = bool(ckpt.list_checkpoints(out))

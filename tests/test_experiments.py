@@ -33,3 +33,15 @@ def test_the_experts_experiment_writes_a_table_and_a_plot_and_skips_what_is_done
     main(args)  # again: every point is finished
     assert capsys.readouterr().out.count("finished, skipped") == 3
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "x").rglob("*.safetensors")} == before
+
+
+def test_a_point_stopped_after_its_first_evaluation_starts_over(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    point = tmp_path / "x" / "dense"
+    point.mkdir(parents=True)  # killed after the step-0 evaluation: no training record, no checkpoint
+    (point / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 0, "val_loss": 6.0, "val_bpb": 4.0}) + "\n")
+    main(["experts", "--config", "tiny", "--steps", "2", "--eval-every", "1", "--out", str(tmp_path / "x"),
+          "--only", "dense", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "data.sources={docs = 1}",
+          "train.eval_batches=1"])
+    records = [json.loads(line) for line in (point / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 1, 2] and records[-1]["type"] == "summary"
