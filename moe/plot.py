@@ -72,8 +72,9 @@ def plot_runs(folders: list[str | Path], out: str | Path) -> list[str]:
         for layer in range(len(shares[0]) if shares else 0):
             ax = fig.add_subplot(grid[row, layer])
             share_SE = np.array([s[layer] for s in shares])  # S = logged steps
+            first, last = train[0]["tokens_seen"], train[-1]["tokens_seen"]
             image = ax.imshow(share_SE.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                              extent=(train[0]["tokens_seen"], train[-1]["tokens_seen"], -0.5, share_SE.shape[1] - 0.5))
+                              extent=(first, max(last, first + 1), -0.5, share_SE.shape[1] - 0.5))  # one record: a strip
             ax.set(title=f"{name}: MoE layer {layer} expert share", xlabel="tokens", ylabel="expert")
             fig.colorbar(image, ax=ax)
             titles.append(ax.get_title())
