@@ -119,6 +119,10 @@ def test_the_exported_step_writes_what_eager_does(model):
     assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager
     with pytest.raises(ValueError, match="build it with the cache's kv_int8"):
         list(generate(packed, [5, 6, 7], GREEDY, step))  # an fp32 cache: not what it was built for
+    # The library reads the model's own weights, not a copy of them: change them, and it follows.
+    packed.lm_head.scales.neg_()
+    flipped = list(generate(packed, [5, 6, 7], GREEDY, kv_int8=True))
+    assert flipped != eager and list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == flipped
 
 
 def test_a_compiled_step_checks_several_tokens_at_once(model):
