@@ -1,6 +1,7 @@
 """Runs you can look at: `python -m moe.plot` and TensorBoard logging beside metrics.jsonl."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -18,7 +19,11 @@ def logged_run(tmp_path_factory):
     cfg = load_config("tiny", [f"data.cache_dir={json.dumps(str(out / 'cache'))}", "data.sources={docs = 1}",
                                "train.max_steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
                                "train.sample_tokens=0", "train.tensorboard=true"])
-    Trainer(cfg, RunOptions(out / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)).train()
+    before = set(threading.enumerate())
+    with Trainer(cfg, RunOptions(out / "run", torch.device("cpu"), peak_flops=1e11, quiet=True)) as trainer:
+        trainer.train()
+    started = [t for t in set(threading.enumerate()) - before if t.name != "tqdm_monitor"]  # tqdm's is global
+    assert trainer.metrics_file.closed and not started  # no file, nor the TensorBoard writer's thread, left open
     return out / "run"
 
 

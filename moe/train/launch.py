@@ -47,17 +47,17 @@ def launch(config_name: str, overrides: list[str], out: Path, device: torch.devi
                           f"{cfg.tp} tensor-parallel")
         say(describe(config.model) + layout)
         options = RunOptions(out, device, resume_from, init_folder, compile, peak_flops, quiet, world)
-        trainer = Trainer(config, options)
-        say(f"precision: {trainer.precision} (train.precision={config.train.precision})")
-        if resume_from and trainer.step >= config.train.max_steps:
-            say(f"{out} is finished: step {trainer.step} of train.max_steps={config.train.max_steps}; nothing to do "
-                f"(pass a larger --train.max_steps to train on)")
-            return None
-        if resume_from:
-            say(f"resuming from {resume_from} (step {trainer.step})")
-        summary = trainer.train()
-        if config.train.sample_tokens and world.is_main and world.whole_model and config.train.parallel != "fsdp":
-            say(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
+        with Trainer(config, options) as trainer:
+            say(f"precision: {trainer.precision} (train.precision={config.train.precision})")
+            if resume_from and trainer.step >= config.train.max_steps:
+                say(f"{out} is finished: step {trainer.step} of train.max_steps={config.train.max_steps}; nothing "
+                    f"to do (pass a larger --train.max_steps to train on)")
+                return None
+            if resume_from:
+                say(f"resuming from {resume_from} (step {trainer.step})")
+            summary = trainer.train()
+            if config.train.sample_tokens and world.is_main and world.whole_model and config.train.parallel != "fsdp":
+                say(f"--- sample ---\n{trainer.sample(config.train.sample_tokens)}\n--------------")
         say(f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens, {summary['wall_s']:.0f} s; "
             f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits per byte")
         if summary["skipped_steps"]:

@@ -401,6 +401,21 @@ class Trainer:
         self.model.train()
         return prompt + self.tokenizer.decode(tokens)
 
+    def close(self) -> None:
+        """Close metrics.jsonl and the TensorBoard writer (and its thread); every record is already
+        flushed, so this loses nothing, but a process that trains many runs keeps no file or thread
+        per run."""
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def write(self, record: dict) -> None:
         if self.metrics_file is None:  # not rank 0
             return
