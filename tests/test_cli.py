@@ -54,7 +54,7 @@ def test_bad_input_is_one_clear_line_without_traceback(args, message, tmp_path, 
 def test_inference_benchmarks_run_on_random_weights(command, tmp_path, entry_point):
     out = tmp_path / "result.json"
     extra = ["--new-tokens", "8", "--batch-sizes", "1,2", "--prompt-lens", "8"] if command == "decode" \
-        else ["--requests", "6", "--slots", "2"]
+        else ["--requests", "6", "--slots", "2", "--compile"]
     proc = entry_point("bench.py", command, "--config", "tiny", *extra, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -62,4 +62,5 @@ def test_inference_benchmarks_run_on_random_weights(command, tmp_path, entry_poi
         assert all(r["decode_tokens_per_s"] > 0 for r in result["rows"])
         assert result["kv_cache_bytes_full_context"]["mha"] == 4 * result["kv_cache_bytes_full_context"]["mqa"]
     else:
-        assert [r["mode"] for r in result["rows"]] == ["static", "continuous"]
+        assert [r["mode"] for r in result["rows"]] == ["static", "continuous", "continuous, compiled"]
+        assert result["same_tokens"] and result["build_s"] > 0

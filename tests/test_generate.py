@@ -276,11 +276,15 @@ def test_generate_streams_a_continuation(tiny_run, generate_cli):
 def test_generate_serves_a_prompt_file_with_continuous_batching(tiny_run, tmp_path, generate_cli):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\nx = 1\n")
-    proc = generate_cli("--checkpoint", str(tiny_run), "--prompt-file", str(prompts), "--max-new-tokens", "5",
-                        "--slots", "2")
+    args = ("--checkpoint", str(tiny_run), "--prompt-file", str(prompts), "--max-new-tokens", "5", "--slots", "2",
+            "--temperature", "0")
+    proc = generate_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith("--- ")] == \
         ["--- 0: import os", "--- 1: class A:", "--- 2: x = 1"]
+    compiled = generate_cli(*args, "--compile")  # the engine's decode steps compiled: the same text
+    assert compiled.returncode == 0 and "the steps compiled in" in compiled.stderr, compiled.stderr
+    assert compiled.stdout == proc.stdout
 
 
 def test_generate_with_a_draft_reports_acceptance(tiny_run, generate_cli):

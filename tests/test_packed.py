@@ -148,6 +148,29 @@ def test_engine_serves_int8_weights_and_cache_as_generate_does(model):
         assert r.tokens == list(generate(packed, prompts[r.id], GREEDY, kv_int8=True))
 
 
+def test_continuous_batching_through_the_compiled_step_writes_the_eager_engines_tokens(model):
+    """Batches of 2..8 rows share one graph and a single row has its own; more rows run eagerly."""
+    torch._dynamo.reset()
+    packed = packed_copy(model, torch.float32)
+    compiled, batches = compile_decode_step(packed), []
+
+    def step(tokens, **kwargs):
+        batches.append(len(tokens))
+        return compiled(tokens, **kwargs)
+
+    def requests() -> list[Request]:  # 12 of different lengths, for 10 slots
+        return [Request([i + 1] * (1 + i % 4), SamplingParams(max_new_tokens=3 + 2 * i, temperature=0), id=i)
+                for i in range(12)]
+    engine = Engine(packed, slots=10, decode_step=step)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # a running count, over every test
+    assert engine.warm_up() > 0 and batches == [1, 2] and engine.cache.lengths.tolist() == [0] * 10
+    got = {r.id: r.tokens for r in engine.run(requests())}
+    assert got == {r.id: r.tokens for r in Engine(packed, slots=10).run(requests())}
+    assert {1, 2, 8} <= set(batches) and max(batches) == 8  # 9 and 10 decoding rows went eagerly
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # both built by warm_up
+    assert max(s.batch_size for s in engine.steps) == 10
+
+
 def test_loading_int8_packs_and_plain_loading_keeps_the_checkpoint(tiny_run):
     plain, _ = ckpt.load_for_inference(tiny_run)
     assert {p.dtype for p in plain.parameters()} == {torch.float32} and isinstance(plain.lm_head, nn.Linear)

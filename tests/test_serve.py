@@ -112,6 +112,20 @@ def test_32_concurrent_requests_each_get_what_they_get_alone(server):
     assert routed(server, layer=1) - routed_before == 2 * rows  # every decoded token went to top-2 experts
 
 
+def test_a_server_with_compiled_decode_steps_answers_as_the_eager_one(server, checkpoint):
+    asks = [{"prompt": [(5 * i + j) % 500 + 5 for j in range(2 + 3 * i)], "max_tokens": 3 + 4 * i} for i in range(6)]
+
+    def answers(s) -> list[str]:
+        c = client(s)
+        with ThreadPoolExecutor(len(asks)) as pool:  # decoded together: batches of 1 to 6 rows
+            return list(pool.map(lambda a: c.completions.create(model="tiny", temperature=0, extra_body=LONG,
+                                                                **a).choices[0].text, asks, timeout=120))
+
+    with ServerProcess(["--checkpoint", str(checkpoint), "--slots", "8", "--compile"], start_timeout_s=300) as compiled:
+        assert "decode steps of up to 8 rows compiled in" in compiled.log()
+        assert answers(compiled) == answers(server)
+
+
 def routed(server, layer: int) -> float:
     """moe_expert_tokens_total summed over one layer's experts."""
     lines = server.get("/metrics").splitlines()

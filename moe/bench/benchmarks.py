@@ -257,27 +257,39 @@ def long_tailed_requests(n: int, vocab_size: int, seed: int = 0, prompt_len: int
 
 
 @torch.no_grad()
-def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0, kv_int8: bool = False) -> dict:
-    """Static vs continuous batching on the same long-tailed workload."""
-    rows = []
-    for static in (True, False):
+def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0, kv_int8: bool = False,
+             decode_step=None) -> dict:
+    """Static vs continuous batching on the same long-tailed workload, and with `decode_step`
+    (`compile_decode_step(model)`) continuous batching through it as well, after a warm-up that
+    builds its graphs."""
+    modes = [("static", True, None), ("continuous", False, None)]
+    if decode_step is not None:
+        build_s = Engine(model, slots, kv_int8=kv_int8, decode_step=decode_step).warm_up()
+        modes.append(("continuous, compiled", False, decode_step))
+    rows, outputs = [], {}
+    for mode, static, step in modes:
         requests = long_tailed_requests(n_requests, model.cfg.vocab_size, seed)
-        engine = Engine(model, slots, static=static, kv_int8=kv_int8)
+        engine = Engine(model, slots, static=static, kv_int8=kv_int8, decode_step=step)
         start = time.perf_counter()
         results = engine.run(requests)
         seconds = time.perf_counter() - start
         latencies = [r.latency_s for r in results]
         rows.append({
-            "mode": "static" if static else "continuous",
+            "mode": mode,
             "tokens_per_s": sum(len(r.tokens) for r in results) / seconds,
             "seconds": seconds, "decode_steps": len(engine.steps),
             "mean_latency_s": statistics.mean(latencies), "p99_latency_s": _percentiles(latencies)["p99"],
             "slot_utilisation": statistics.mean(s.batch_size for s in engine.steps) / slots,
         })
+        outputs[mode] = {r.id: r.tokens for r in results}
     lengths = [r.params.max_new_tokens for r in long_tailed_requests(n_requests, model.cfg.vocab_size, seed)]
-    return {"benchmark": "batching", "requests": n_requests, "slots": slots,
-            "output_lengths": {"min": min(lengths), "median": int(np.median(lengths)), "max": max(lengths)},
-            "rows": rows, "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
+    result = {"benchmark": "batching", "requests": n_requests, "slots": slots,
+              "output_lengths": {"min": min(lengths), "median": int(np.median(lengths)), "max": max(lengths)},
+              "rows": rows, "speedup": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
+    if decode_step is not None:
+        result |= {"compiled_speedup": rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"], "build_s": build_s,
+                   "same_tokens": outputs["continuous, compiled"] == outputs["continuous"]}
+    return result
 
 
 @torch.no_grad()

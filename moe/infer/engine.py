@@ -9,6 +9,12 @@ prompt is in, the request samples its first token and joins the decode batch, so
 varies step to step, as in the reference design's serving. `static=True` instead waits for the
 whole batch to finish before admitting more: the baseline continuous batching is measured against.
 
+`decode_step` (`compile_decode_step(model)`) runs every decode step of at most `FUSED_ROWS` rows
+compiled: one graph for batches of 2 to 8 rows (the batch dimension dynamic) and one for a single
+row, each built the first time it is needed; larger batches run eagerly. With packed weights that
+is ~3x the eager step at 2-8 rows on a CPU (docs/benchmarks.md). Prompts are always prefilled
+eagerly.
+
 `step()` is the unit a server drives (requests join with `submit` and leave with `cancel`
 between steps; each step reports the tokens it produced); `run()` serves a list to completion.
 """
@@ -23,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from ..model.kv_cache import KVCache
+from ..model.packed import FUSED_ROWS
 from ..tokenizer import IMAGE_ID
 from .sampling import SamplingParams, new_token_budget, sample_next
 
@@ -76,11 +83,13 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, model, slots: int, static: bool = False, kv_int8: bool = False, step_tokens: int = 512):
+    def __init__(self, model, slots: int, static: bool = False, kv_int8: bool = False, step_tokens: int = 512,
+                 decode_step=None):
         if step_tokens <= slots:
             raise ValueError(f"step_tokens={step_tokens} must exceed slots={slots}: each decoding row takes one "
                              f"token of a step's budget and prompts need the rest")
         self.model, self.cfg, self.static, self.step_tokens = model, model.cfg, static, step_tokens
+        self.decode_step = decode_step
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache(self.cfg, slots, device=self.device, dtype=param.dtype, int8=kv_int8)
@@ -143,12 +152,34 @@ class Engine:
         if slots:
             rows = torch.tensor(slots, device=self.device)
             last = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
-            out = self.model(last, cache=self.cache, rows=rows, decode=True)
+            out = self._decode(last, rows)
             record.batch_size = len(slots)
             record.tokens_per_expert = [s.tokens_per_expert.tolist() for s in out.router_stats]
             for i, slot in enumerate(slots):
                 self._append(slot, out.logits[i, -1], record)
         return record
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Build the compiled step's graphs now (a single row, and several) on scratch tokens, not
+        at the first requests that need them; the cache is left empty. Returns the seconds taken."""
+        start = time.perf_counter()
+        if self.decode_step is not None:
+            for n in sorted({1, min(2, self.slots)}):
+                self._decode(torch.zeros(n, 1, dtype=torch.long, device=self.device), torch.arange(n, device=self.device))
+            for slot in range(self.slots):
+                self.cache.reset(slot)
+        return time.perf_counter() - start
+
+    def _decode(self, last_B1: torch.Tensor, rows_B: torch.Tensor):
+        """One token for each of the rows' slots, through the compiled step where it applies."""
+        B = len(rows_B)
+        if self.decode_step is None or B > FUSED_ROWS:
+            return self.model(last_B1, cache=self.cache, rows=rows_B, decode=True)
+        if B > 1:  # one graph for every batch of 2..FUSED_ROWS rows (a single row gets its own)
+            for t in (last_B1, rows_B):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=FUSED_ROWS)
+        return self.decode_step(last_B1, cache=self.cache, rows=rows_B, decode=True)
 
     def _admit(self, slot: int, request: Request, submitted_s: float) -> None:
         self.cache.reset(slot)

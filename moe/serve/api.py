@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,9 +36,12 @@ from ..infer.engine import Engine
 from ..infer.engine import Request as EngineRequest
 from ..infer.prompts import TextStream, prompt_with_images
 from ..infer.sampling import SamplingParams
+from ..model.packed import FUSED_ROWS
 from ..tokenizer import EOT, USER, instruction_prompt
 from .loop import EngineFailed, EngineLoop, QueueFull, Ticket
 from .metrics import ServerMetrics
+
+log = logging.getLogger("moe.serve")
 
 
 class APIError(Exception):
@@ -185,9 +189,13 @@ class Detokenizer:
 # ---- the app ---------------------------------------------------------------------------------
 
 def create_app(model, tokenizer: Tokenizer, name: str, slots: int = 16, max_queue: int = 256,
-               static: bool = False, kv_int8: bool = False, step_tokens: int = 512) -> FastAPI:
+               static: bool = False, kv_int8: bool = False, step_tokens: int = 512, decode_step=None) -> FastAPI:
+    """The app over an engine of `slots`; `decode_step` (`compile_decode_step(model)`) is built
+    here, before the first request, not while a client waits."""
     cfg = model.cfg
-    engine = Engine(model, slots, static=static, kv_int8=kv_int8, step_tokens=step_tokens)
+    engine = Engine(model, slots, static=static, kv_int8=kv_int8, step_tokens=step_tokens, decode_step=decode_step)
+    if decode_step is not None:
+        log.info("decode steps of up to %d rows compiled in %.0f s", FUSED_ROWS, engine.warm_up())
     metrics = ServerMetrics(cfg, slots)
     loop = EngineLoop(engine, max_queue, metrics)
     eot, user = tokenizer.token_to_id(EOT), tokenizer.token_to_id(USER)
