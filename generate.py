@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step: for --prompt, ahead of time (AOTInductor; ~15-30 s to "
                              "build on a CPU, then 5-10x faster per token); for --prompt-file, the continuous-"
-                             "batching steps of up to 8 rows (torch.compile; ~15 s, then ~2x the requests' "
+                             "batching steps of up to 16 rows (torch.compile; ~15 s, then ~2x the requests' "
                              "tokens/s): docs/benchmarks.md")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on error")
     return parser

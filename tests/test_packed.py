@@ -18,6 +18,7 @@ from moe.infer.sampling import (
 )
 from moe.model.kv_cache import KVCache
 from moe.model.packed import (
+    FUSED_ROWS,
     PackedExperts,
     PackedLinear,
     pack_for_inference,
@@ -149,7 +150,7 @@ def test_engine_serves_int8_weights_and_cache_as_generate_does(model):
 
 
 def test_continuous_batching_through_the_compiled_step_writes_the_eager_engines_tokens(model):
-    """Batches of 2..8 rows share one graph and a single row has its own; more rows run eagerly."""
+    """Batches of 2..FUSED_ROWS rows share one graph and a single row has its own; more rows run eagerly."""
     torch._dynamo.reset()
     packed = packed_copy(model, torch.float32)
     compiled, batches = compile_decode_step(packed), []
@@ -158,17 +159,19 @@ def test_continuous_batching_through_the_compiled_step_writes_the_eager_engines_
         batches.append(len(tokens))
         return compiled(tokens, **kwargs)
 
-    def requests() -> list[Request]:  # 12 of different lengths, for 10 slots
-        return [Request([i + 1] * (1 + i % 4), SamplingParams(max_new_tokens=3 + 2 * i, temperature=0), id=i)
-                for i in range(12)]
-    engine = Engine(packed, slots=10, decode_step=step)
+    def requests() -> list[Request]:  # more than the slots, of different lengths
+        return [Request([i + 1] * (1 + i % 4), SamplingParams(max_new_tokens=3 + i, temperature=0), id=i)
+                for i in range(FUSED_ROWS + 4)]
+
+    slots = FUSED_ROWS + 2
+    engine = Engine(packed, slots=slots, decode_step=step)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # a running count, over every test
-    assert engine.warm_up() > 0 and batches == [1, 2] and engine.cache.lengths.tolist() == [0] * 10
+    assert engine.warm_up() > 0 and batches == [1, 2] and engine.cache.lengths.tolist() == [0] * slots
     got = {r.id: r.tokens for r in engine.run(requests())}
-    assert got == {r.id: r.tokens for r in Engine(packed, slots=10).run(requests())}
-    assert {1, 2, 8} <= set(batches) and max(batches) == 8  # 9 and 10 decoding rows went eagerly
+    assert got == {r.id: r.tokens for r in Engine(packed, slots=slots).run(requests())}
+    assert {1, 2, FUSED_ROWS} <= set(batches) and max(batches) == FUSED_ROWS  # the larger ones went eagerly
+    assert max(s.batch_size for s in engine.steps) == slots
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # both built by warm_up
-    assert max(s.batch_size for s in engine.steps) == 10
 
 
 def test_loading_int8_packs_and_plain_loading_keeps_the_checkpoint(tiny_run):

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=positive_int, default=64)
     p.add_argument("--slots", type=positive_int, default=8)
     p.add_argument("--compile", action="store_true",
-                   help="also run continuous batching with its decode steps of up to 8 rows compiled "
+                   help="also run continuous batching with its decode steps of up to 16 rows compiled "
                         "(compile_decode_step; ~20-30 s to build, before the clock starts), and check it "
                         "writes the eager engine's tokens")
     commands["batching"] = p

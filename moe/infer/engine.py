@@ -9,11 +9,11 @@ prompt is in, the request samples its first token and joins the decode batch, so
 varies step to step, as in the reference design's serving. `static=True` instead waits for the
 whole batch to finish before admitting more: the baseline continuous batching is measured against.
 
-`decode_step` (`compile_decode_step(model)`) runs every decode step of at most `FUSED_ROWS` rows
-compiled: one graph for batches of 2 to 8 rows (the batch dimension dynamic) and one for a single
-row, each built the first time it is needed; larger batches run eagerly. With packed weights that
-is ~3x the eager step at 2-8 rows on a CPU (docs/benchmarks.md). Prompts are always prefilled
-eagerly.
+`decode_step` (`compile_decode_step(model)`) runs every decode step of at most `FUSED_ROWS` (16)
+rows compiled: one graph for batches of 2 to 16 rows (the batch dimension dynamic) and one for a
+single row, both built by `warm_up()` before any request; larger batches run eagerly. With packed
+weights that is 2-3x the eager engine's tokens/s on a CPU (docs/benchmarks.md). Prompts are
+always prefilled eagerly.
 
 `step()` is the unit a server drives (requests join with `submit` and leave with `cancel`
 between steps; each step reports the tokens it produced); `run()` serves a list to completion.
@@ -176,9 +176,10 @@ class Engine:
         B = len(rows_B)
         if self.decode_step is None or B > FUSED_ROWS:
             return self.model(last_B1, cache=self.cache, rows=rows_B, decode=True)
-        if B > 1:  # one graph for every batch of 2..FUSED_ROWS rows (a single row gets its own)
+        most = min(FUSED_ROWS, self.slots)
+        if B > 1 and most > 2:  # one graph for every batch of 2..most rows (a single row gets its own)
             for t in (last_B1, rows_B):
-                torch._dynamo.mark_dynamic(t, 0, min=2, max=FUSED_ROWS)
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=most)
         return self.decode_step(last_B1, cache=self.cache, rows=rows_B, decode=True)
 
     def _admit(self, slot: int, request: Request, submitted_s: float) -> None:

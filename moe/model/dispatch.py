@@ -75,8 +75,10 @@ class LocalDispatcher(Dispatcher):
         return experts(x_AD, gates_A, counts_E)
 
     def for_decoding(self, n_tokens: int) -> Dispatcher:
-        # capacity mode drops by the whole batch's counts: decoding token by token would not
-        return DECODE if self.capacity_factor is None and n_tokens <= DECODE_TOKENS else self
+        # capacity mode drops by the whole batch's counts: decoding token by token would not.
+        # Compiled, the decode dispatcher's gathered form is the one without a host sync.
+        few = torch.compiler.is_compiling() or n_tokens <= DECODE_TOKENS  # in this order: no guard on n
+        return DECODE if self.capacity_factor is None and few else self
 
 
 def combine(y_AD: Tensor, plan: Dispatch, n_tokens: int) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .experts import Experts, _expert_rows
 
-FUSED_ROWS = 8  # compiled, up to this many rows a matmul runs as Inductor's fused loop
+FUSED_ROWS = 16  # compiled, up to this many rows a matmul runs as Inductor's fused loop
 PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 

@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the weights' dtype: fp32, bf16, or int8 (fp32 activations); default bf16 on CUDA, fp32 on a CPU")
     p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode steps of up to 8 rows (torch.compile, built before the server "
+                   help="compile the decode steps of up to 16 rows (torch.compile, built before the server "
                         "listens: ~15-30 s on a CPU; then ~2x the tokens/s at those batch sizes)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None,
