@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean arrivals per second, one load each (default 1,2,4,8,16,32)")
     p.add_argument("--requests", type=positive_int, default=64, help="requests per load (default 64)")
     p.add_argument("--slots", type=positive_int, default=16, help="the servers' --slots (default 16)")
+    p.add_argument("--compile", action="store_true",
+                   help="the servers' --compile: decode steps of up to 16 rows compiled (each server builds them "
+                        "before it listens)")
     p.add_argument("--timeout", type=positive_int, default=300,
                    help="seconds a load may run past its last arrival; what is unfinished then counts as not "
                         "served (default 300)")
@@ -333,7 +336,8 @@ def serve(args, cfg: ModelConfig) -> dict:
     folder = resolve_checkpoint(args.checkpoint)
     model_cfg = load_config_from(folder).model
     server_args = ["--device", str(args.device), "--threads", str(args.server_threads),
-                   *(["--dtype", args.dtype] if args.dtype else []), *(["--kv-int8"] if args.kv_int8 else [])]
+                   *(["--dtype", args.dtype] if args.dtype else []), *(["--kv-int8"] if args.kv_int8 else []),
+                   *(["--compile"] if args.compile else [])]
     print(f"{args.requests} streamed greedy completions a load ({folder}), Poisson arrivals, prompts of 16-64 random "
           f"tokens, outputs 4 x (1 + Pareto(1.2)) tokens capped at 160; {args.slots} slots, {args.server_threads} "
           f"PyTorch thread(s) a server; static engine first")
