@@ -228,11 +228,12 @@ def test_the_documented_claims_table_is_what_the_cost_model_says():
         assert f"| {row['claim']} | {row['figure']} | {row['verdict']} |" in readme, row["claim"]
 
 
-def test_the_serve_benchmark_loads_both_engines_over_http(tmp_path, tiny_run, entry_point):
+def test_the_serve_benchmark_loads_both_compiled_engines_over_http(tmp_path, tiny_run, entry_point):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     proc = entry_point("bench.py", "serve", "--checkpoint", str(tiny_run), "--rates", "20,40", "--requests", "6",
-                       "--slots", "4", "--timeout", "60", "--json", str(out), "--plot", str(png))
+                       "--slots", "4", "--timeout", "60", "--json", str(out), "--plot", str(png),
+                       "--compile")  # the servers' decode steps compiled
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert [(r["mode"], r["rate"]) for r in result["rows"]] == [("static", 20), ("static", 40), ("continuous", 20),
