@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import MoE, MoETransformer, SwiGLU, load_config
-from moe.model.attention import apply_rope, rope_tables
+from moe.model.attention import apply_rope, one_token_attention, rope_tables
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -61,6 +61,15 @@ def test_gqa_builds_and_runs(tiny):
     model = MoETransformer(replace(tiny, n_kv_heads=2))
     assert model.blocks[0].attn.wk.weight.shape == (2 * tiny.head_dim, tiny.d_model)
     assert model(tokens(tiny)).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])  # multi-query, grouped, multi-head
+def test_the_compiled_decode_steps_attention_is_sdpas(kv_heads):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, kv_heads, 10, 16), torch.randn(3, kv_heads, 10, 16)
+    mask = torch.arange(10) <= torch.tensor([0, 4, 9])[:, None, None, None]  # (B, 1, 1, X): rows at 3 positions
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(one_token_attention(q, k, v, mask), want)
 
 
 def test_causal_mask_a_future_token_never_changes_an_earlier_logit(tiny):

@@ -59,9 +59,25 @@ class Attention(nn.Module):
             mask = kv.mask_B1TX
         dtype = core_dtype(q)
         with torch.autocast(q.device.type, enabled=False):  # the dtype is chosen here, not by autocast
-            y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=gqa)
+            if mask is not None and q.shape[2] == 1 and torch.compiler.is_compiling():
+                y = one_token_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+            else:
+                y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                                   is_causal=mask is None, enable_gqa=gqa)
         return self.wo(rearrange(y.to(q.dtype), "b h t d -> b t (h d)"))
+
+
+def one_token_attention(q_BH1Dh: Tensor, k_BGXDh: Tensor, v_BGXDh: Tensor, mask_B11X: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for one new token a row, as two batched matmuls: each key/value
+    head's H/G query heads together against its keys. What a compiled decode step runs instead of
+    SDPA, whose CPU kernel takes each query head alone through a matrix-vector product: 5-8 % of
+    the exported `small` step (0.37 vs 0.40 ms in int8, 10 rounds in turns)."""
+    B, H, _, Dh = q_BH1Dh.shape
+    G = k_BGXDh.shape[1]
+    q_BGQDh = q_BH1Dh.reshape(B, G, H // G, Dh)  # heads h = g * H/G + j share key/value head g
+    scores_BGQX = (q_BGQDh @ k_BGXDh.transpose(-1, -2)) * Dh**-0.5
+    scores_BGQX = scores_BGQX.masked_fill(~mask_B11X, float("-inf"))
+    return (scores_BGQX.softmax(dim=-1) @ v_BGXDh).reshape(B, H, 1, Dh)
 
 
 def core_dtype(q: Tensor) -> torch.dtype:
