@@ -165,18 +165,22 @@ class Engine:
         at the first requests that need them; the cache is left empty. Returns the seconds taken."""
         start = time.perf_counter()
         if self.decode_step is not None:
-            for n in sorted({1, min(2, self.slots)}):
+            for n in sorted({1, min(2, self.compiled_rows)}):
                 self._decode(torch.zeros(n, 1, dtype=torch.long, device=self.device), torch.arange(n, device=self.device))
             for slot in range(self.slots):
                 self.cache.reset(slot)
         return time.perf_counter() - start
 
+    @property
+    def compiled_rows(self) -> int:
+        """The most decoding rows a step runs through `decode_step` (0 without one)."""
+        return 0 if self.decode_step is None else min(FUSED_ROWS, self.slots)
+
     def _decode(self, last_B1: torch.Tensor, rows_B: torch.Tensor):
         """One token for each of the rows' slots, through the compiled step where it applies."""
-        B = len(rows_B)
-        if self.decode_step is None or B > FUSED_ROWS:
+        B, most = len(rows_B), self.compiled_rows
+        if B > most:
             return self.model(last_B1, cache=self.cache, rows=rows_B, decode=True)
-        most = min(FUSED_ROWS, self.slots)
         if B > 1 and most > 2:  # one graph for every batch of 2..most rows (a single row gets its own)
             for t in (last_B1, rows_B):
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=most)

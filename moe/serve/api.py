@@ -36,7 +36,6 @@ from ..infer.engine import Engine
 from ..infer.engine import Request as EngineRequest
 from ..infer.prompts import TextStream, prompt_with_images
 from ..infer.sampling import SamplingParams
-from ..model.packed import FUSED_ROWS
 from ..tokenizer import EOT, USER, instruction_prompt
 from .loop import EngineFailed, EngineLoop, QueueFull, Ticket
 from .metrics import ServerMetrics
@@ -195,7 +194,7 @@ def create_app(model, tokenizer: Tokenizer, name: str, slots: int = 16, max_queu
     cfg = model.cfg
     engine = Engine(model, slots, static=static, kv_int8=kv_int8, step_tokens=step_tokens, decode_step=decode_step)
     if decode_step is not None:
-        log.info("decode steps of up to %d rows compiled in %.0f s", min(FUSED_ROWS, slots), engine.warm_up())
+        log.info("decode steps of up to %d rows compiled in %.0f s", engine.compiled_rows, engine.warm_up())
     metrics = ServerMetrics(cfg, slots)
     loop = EngineLoop(engine, max_queue, metrics)
     eot, user = tokenizer.token_to_id(EOT), tokenizer.token_to_id(USER)
