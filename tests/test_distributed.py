@@ -158,6 +158,30 @@ def test_generate_under_torchrun_with_tp_equals_one_process(single):
     assert len(text) > 10 and generate(2, "--temperature", "0") == text
 
 
+EXIT_SCRIPT = """
+import atexit, sys, torch.distributed as dist
+from moe.cli import run
+def main(argv):
+    if argv[0] == "gloo":
+        dist.init_process_group("gloo", init_method=f"file://{argv[1]}", rank=0, world_size=1)
+        dist.all_reduce(__import__("torch").ones(2))
+    atexit.register(print, " finalized")
+    print("written", end="")  # a pipe's buffer, flushed on the way out
+    return 3
+run(main)
+"""
+
+
+@pytest.mark.parametrize("group", ["gloo", "none"])
+def test_a_process_in_a_gloo_group_exits_without_finalizing_python(group, tmp_path):
+    """cli.leave: gloo's threads may still need Python after the last collective, so such a process
+    leaves at once, its output flushed and its exit code kept; any other finalizes as usual."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, group, str(tmp_path / "store")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == ("written" if group == "gloo" else "written finalized\n")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.tp=3"], "train.tp=3 does not divide model.n_heads=4"),
     (["train.tp=2", "model.d_ff=63"], "train.tp=2 does not divide model.d_ff=63"),

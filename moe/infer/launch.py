@@ -57,9 +57,8 @@ def launch_tensor_parallel(args: argparse.Namespace, dtype: torch.dtype, tp: int
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
         run(args, model, tokenizer)
-    # The process group is left for the process's exit to close: destroyed here, after a barrier,
-    # one run in ten aborted in gloo's C++ teardown on this loaded CPU ("terminate called without
-    # an active exception"); none in ten without.
+    # Every rank done before any leaves; the process group is left to the process's exit, which
+    # `cli.leave` makes without finalizing Python (it says why).
     dist.barrier()
 
 

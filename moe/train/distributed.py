@@ -126,9 +126,8 @@ def init(device: torch.device, cfg: TrainConfig | None = None) -> tuple[World, t
 
 def close() -> None:
     """The end of a run under torchrun. NCCL's process group is destroyed, as NCCL asks; gloo's (on a
-    CPU) is left to the process's exit, as generate.py's is: destroyed here, a rank aborted in
-    gloo's C++ teardown ("terminate called without an active exception") in one clean-clone run
-    of the suite, as generate.py's did in about one run in ten before it stopped destroying it."""
+    CPU) is left to the process's exit, which leaves without finalizing Python (`cli.leave` says
+    why: destroying it does not stop its threads while DDP, FSDP or a mesh still hold it)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         dist.destroy_process_group()
 
