@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from moe import MoE, load_config
+from moe.cli import leave
 from moe.config import TrainConfig
 from moe.train.distributed import expert_slice, init, shard_experts
 
@@ -44,4 +45,4 @@ result = {
 }
 with open(f"{sys.argv[1]}.{world.rank}.json", "w") as f:
     json.dump(result, f)
-dist.destroy_process_group()
+leave(0)  # as every entry point under torchrun leaves (moe.cli.leave says why)
