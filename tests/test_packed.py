@@ -117,7 +117,10 @@ def test_the_exported_step_writes_what_eager_does(model):
     packed = packed_copy(model, torch.int8)
     step = ExportedDecodeStep(packed, kv_int8=True)  # torch.export + AOTInductor: a C++ runner
     eager = list(generate(packed, [5, 6, 7], GREEDY, kv_int8=True))
-    assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager
+    assert list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == eager  # the graph's argmax
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)  # its logits, sampled in Python
+    assert list(generate(packed, [5, 6, 7], sampled, step, kv_int8=True)) == list(
+        generate(packed, [5, 6, 7], sampled, kv_int8=True))
     with pytest.raises(ValueError, match="build it with the cache's kv_int8"):
         list(generate(packed, [5, 6, 7], GREEDY, step))  # an fp32 cache: not what it was built for
     # The library reads the model's own weights, not a copy of them: change them, and it follows.

@@ -112,7 +112,9 @@ class ExportedDecodeStep:
     no second copy in memory (226 MB less for fp32 `small`), a 2 MB package to build, not 116,
     and changes to the model's weights in place are what the next step computes with. Only what
     `generate` needs: batch 1, T = 1, a cache of one slot at `model.cfg.max_seq_len` built as
-    `kv_int8` says; it returns the logits, not the routing statistics.
+    `kv_int8` says; it returns the logits, not the routing statistics. The graph also takes the
+    greedy choice (`greedy`), so that greedy decoding never reads the logits in Python: its next
+    input is the token the graph picked.
     """
 
     def __init__(self, model, kv_int8: bool = False):
@@ -139,11 +141,17 @@ class ExportedDecodeStep:
         self.run = runner.loader.boxed_run
 
     def __call__(self, tokens: Tensor, cache: KVCache, decode: bool = True) -> ModelOutput:
+        return ModelOutput(self._run(tokens, cache)[0], None, None, None, None, [])
+
+    def greedy(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The step's greedy next token (1, 1), the argmax of its logits taken inside the graph."""
+        return self._run(tokens, cache)[1]
+
+    def _run(self, tokens: Tensor, cache: KVCache) -> list[Tensor]:
         if cache.int8 != self.kv_int8 or tokens.shape != (1, 1):
             raise ValueError(f"this exported step takes one token (got {tuple(tokens.shape)}) and a cache with "
                              f"kv_int8={self.kv_int8} (got {cache.int8}): build it with the cache's kv_int8")
-        (logits,) = self.run([tokens, *cache.state().values()])
-        return ModelOutput(logits, None, None, None, None, [])
+        return self.run([tokens, *cache.state().values()])
 
 
 class _StepOverCache(torch.nn.Module):
@@ -153,9 +161,10 @@ class _StepOverCache(torch.nn.Module):
         super().__init__()
         self.model, self.names, self.dtype = model, names, dtype
 
-    def forward(self, tokens: Tensor, *state: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, Tensor]:
         cache = KVCache.from_state(dict(zip(self.names, state)), self.dtype)
-        return self.model(tokens, cache=cache, decode=True).logits
+        logits = self.model(tokens, cache=cache, decode=True).logits
+        return logits, logits.argmax(dim=-1)
 
 
 def generate(model, prompt: list[int], params: SamplingParams, decode_step=None,
@@ -182,13 +191,19 @@ def _stream(model, prompt: list[int], params: SamplingParams, budget: int, decod
     cache = KVCache(model.cfg, slots=1, device=device, dtype=next(model.parameters()).dtype, int8=kv_int8)
     generator = params.generator(device)
     images = None if images is None else images[None].to(device)
-    logits_V = model(torch.tensor([prompt], device=device), cache=cache, images=images, decode=True).logits[0, -1]
+    logits_1V = model(torch.tensor([prompt], device=device), cache=cache, images=images, decode=True).logits[:, -1]
+    tokens_11 = sample_next(logits_1V, params, generator)[None]
+    greedy_in_graph = params.temperature == 0 and isinstance(decode_step, ExportedDecodeStep)
     for i in range(budget):
-        token = int(sample_next(logits_V[None], params, generator))
+        token = int(tokens_11)
         yield token
         if token in params.stop_tokens or i + 1 == budget:
             return
-        logits_V = decode_step(torch.tensor([[token]], device=device), cache=cache, decode=True).logits[0, -1]
+        if greedy_in_graph:
+            tokens_11 = decode_step.greedy(tokens_11, cache)
+        else:
+            logits_1V = decode_step(tokens_11, cache=cache, decode=True).logits[:, -1]
+            tokens_11 = sample_next(logits_1V, params, generator)[None]
 
 
 @torch.no_grad()
