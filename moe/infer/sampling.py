@@ -127,9 +127,13 @@ class ExportedDecodeStep:
             program = torch.export.export(step, (tokens, *example.values()))
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # PyTorch's own, about its pytree internals
+            # The weights stay the model's (below). Reassociating float math lets the C++ compiler
+            # split each dot product's one chain of additions: int8 steps 0.363 against 0.397 ms,
+            # fp32 level (bandwidth-bound), greedy tokens unchanged.
             package = torch._inductor.aoti_compile_and_package(
                 program, package_path=f"{folder}/step.pt2",
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
+                inductor_configs={"aot_inductor.package_constants_in_so": False,
+                                  "cpp.enable_unsafe_math_opt_flag": True})
             runner = torch._inductor.aoti_load_package(package)
         # The runner keeps pointers to these tensors, not copies: they live as long as this step does.
         self.weights = dict(step.named_parameters()) | dict(step.named_buffers())
