@@ -16,11 +16,14 @@ from moe.infer.sampling import (
     compile_decode_step,
     generate,
 )
+from moe.model.experts import Experts
 from moe.model.kv_cache import KVCache
 from moe.model.packed import (
     FUSED_ROWS,
+    HUGE_PAGE,
     PackedExperts,
     PackedLinear,
+    on_huge_pages,
     pack_for_inference,
     packed_linear,
     quantize_int8,
@@ -80,6 +83,19 @@ def test_low_precision_weights_stay_close_to_fp32(model, dtype):
         got = packed_copy(model, dtype)(tokens).logits.float()
     error = (got - want).abs().mean() / want.std()
     assert 0 < error < 0.02  # measured 0.004-0.006 for both
+
+
+def test_large_weights_move_to_aligned_huge_page_memory_unchanged():
+    w = torch.randn(4, 512, 1024).transpose(1, 2)  # 8 MB, strided as the int8 experts are
+    moved = on_huge_pages(w)
+    assert torch.equal(moved, w) and moved.stride() == w.stride() and moved.data_ptr() != w.data_ptr()
+    assert moved.data_ptr() % HUGE_PAGE == 0  # where a 2 MB page can start
+    small = torch.randn(64, 64)
+    assert on_huge_pages(small) is small  # under one page: left where it is
+    experts = Experts(4, 512, 1024)
+    nn.init.normal_(experts.w1), nn.init.normal_(experts.w3), nn.init.normal_(experts.w2)
+    packed = PackedExperts(experts, torch.int8)  # w13: 4 MB of int8
+    assert packed.w13.data_ptr() % HUGE_PAGE == 0  # packing puts them there
 
 
 def test_fused_matmul_equals_linear_when_compiled():
