@@ -160,7 +160,7 @@ def on_huge_pages(t: Tensor) -> Tensor:
 
     A decode step streams most of the weights it reads from DRAM: in 4 KB pages that is a TLB
     miss every 4 KB. On 2 MB pages a cold fp32 matrix-vector product ran at 32 GB/s against 27,
-    the exported fp32 step took 0.74-0.79 ms against 0.79-0.88. PyTorch's allocator does the same
+    the exported fp32 step took 0.74-0.99 ms against 0.93-1.02. PyTorch's allocator does the same
     for every allocation under THP_MEM_ALLOC_ENABLE=1, which must be set before the process's
     first tensor; this asks it only for the weights.
     """
