@@ -167,7 +167,10 @@ def on_huge_pages(t: Tensor) -> Tensor:
     if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return t
     region = mmap.mmap(-1, t.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not touched yet
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages
+        return t
     raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE  # the first 2 MB boundary: huge pages are aligned
     layout = torch.empty_like(t, device="meta")  # t's strides where they are dense, else contiguous ones
