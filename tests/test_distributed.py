@@ -159,12 +159,12 @@ def test_generate_under_torchrun_with_tp_equals_one_process(single):
 
 
 EXIT_SCRIPT = """
-import atexit, sys, torch.distributed as dist
+import atexit, torch, torch.distributed as dist
 from moe.cli import run
 def main(argv):
     if argv[0] == "gloo":
         dist.init_process_group("gloo", init_method=f"file://{argv[1]}", rank=0, world_size=1)
-        dist.all_reduce(__import__("torch").ones(2))
+        dist.all_reduce(torch.ones(2))
     atexit.register(print, " finalized")
     print("written", end="")  # a pipe's buffer, flushed on the way out
     return 3
