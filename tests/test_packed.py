@@ -21,6 +21,7 @@ from moe.model.kv_cache import KVCache
 from moe.model.packed import (
     FUSED_ROWS,
     HUGE_PAGE,
+    PACKED_DTYPES,
     PackedExperts,
     PackedLinear,
     on_huge_pages,
@@ -62,6 +63,17 @@ def test_packing_swaps_every_linear_but_the_routers(model):
         pack_for_inference(MoETransformer(model.cfg), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_every_packed_matrix_keeps_each_output_channels_row_contiguous(model, dtype):
+    # The fused loops read a row per output; the experts' weights arrive transposed, and int8's
+    # quantisation kept that layout until it was made contiguous (10 % of an int8 step).
+    pack_for_inference(model, dtype)
+    weights = {f"{name}.{attr}": getattr(m, attr) for name, m in model.named_modules()
+               for attr in {PackedLinear: ("weight",), PackedExperts: ("w13", "w2")}.get(type(m), ())}
+    assert {"blocks.0.ffn.experts.w13", "blocks.0.ffn.experts.w2", "lm_head.weight"} <= weights.keys()
+    assert all(w.dtype == dtype and w.is_contiguous() for w in weights.values())
+
+
 def test_packed_fp32_computes_what_the_model_does(model):
     packed = packed_copy(model, torch.float32)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 20))
@@ -86,7 +98,7 @@ def test_low_precision_weights_stay_close_to_fp32(model, dtype):
 
 
 def test_large_weights_move_to_aligned_huge_page_memory_unchanged():
-    w = torch.randn(4, 512, 1024).transpose(1, 2)  # 8 MB, strided as the int8 experts are
+    w = torch.randn(4, 512, 1024).transpose(1, 2)  # 8 MB, a transposed view: strides are kept
     moved = on_huge_pages(w)
     assert torch.equal(moved, w) and moved.stride() == w.stride() and moved.data_ptr() != w.data_ptr()
     assert moved.data_ptr() % HUGE_PAGE == 0  # where a 2 MB page can start

@@ -147,8 +147,8 @@ def pack_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _pack(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    w, scales = quantize_int8(w) if dtype == torch.int8 else (w.to(dtype).contiguous(), None)
-    return on_huge_pages(w), scales
+    w, scales = quantize_int8(w) if dtype == torch.int8 else (w.to(dtype), None)
+    return on_huge_pages(w.contiguous()), scales
 
 
 HUGE_PAGE = 2 << 20  # bytes, x86-64's
