@@ -82,6 +82,17 @@ def test_causal_mask_a_future_token_never_changes_an_earlier_logit(tiny):
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+def test_rope_tables_are_computed_once_kept_out_of_the_state_dict_and_rebuilt_on_load(tiny):
+    model = MoETransformer(replace(tiny, rope_scale=2.0)).eval()
+    cos, sin = rope_tables(torch.arange(tiny.max_seq_len), tiny.head_dim, tiny.rope_theta, 2.0)
+    torch.testing.assert_close((model.rope_cos, model.rope_sin), (cos, sin), rtol=0, atol=0)
+    assert not any(key.startswith("rope_") for key in model.state_dict())  # checkpoints stay as they were
+    loaded = MoETransformer.from_state_dict(model.cfg, model.state_dict())  # built on meta, then assigned
+    assert loaded.rope_cos.device.type == "cpu"
+    x = tokens(tiny, B=1, T=12)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
 def test_rope_scale_is_position_interpolation():
     pos = torch.arange(8)
     cos2, sin2 = rope_tables(pos * 2, head_dim=16, theta=10000.0, scale=2.0)

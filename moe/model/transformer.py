@@ -83,7 +83,17 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.vision = VisionBranch(cfg) if cfg.vision is not None else None
+        self._register_rope_tables()
         self.init_weights()
+
+    def _register_rope_tables(self, device: torch.device | None = None) -> None:
+        """cos and sin (max_seq_len, Dh) of every position, computed once and looked up by each
+        forward: computed inside a compiled decode step instead, Inductor inlined sin and cos into
+        the attention's scores loop, once per cache position. Not part of the state dict."""
+        positions = torch.arange(self.cfg.max_seq_len, device=device)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, Tensor]) -> MoETransformer:
@@ -91,6 +101,7 @@ class MoETransformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, assign=True, strict=True)
+        model._register_rope_tables(model.tok_emb.weight.device)  # built on meta, like the rest
         if cfg.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
         return model
@@ -132,13 +143,11 @@ class MoETransformer(nn.Module):
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            positions = torch.arange(T, device=tokens.device)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             kv = cache.step(T, rows)
-            positions = kv.positions_BT
-        cos, sin = rope_tables(positions.flatten(), self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scale)
-        if kv is not None:
-            cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # every row at its own positions
+            positions = kv.positions_BT.flatten()  # every row at its own positions
+            cos, sin = self.rope_cos[positions].view(B, 1, T, -1), self.rope_sin[positions].view(B, 1, T, -1)
 
         # <|image|> tokens per row in this forward: what the cache stores and counts for each row
         new_images_B = None if self.vision is None else (tokens == IMAGE_ID).sum(dim=1)

@@ -173,8 +173,10 @@ def wrap(model: nn.Module, world: World, parallel: str, device: torch.device) ->
     from torch.nn.parallel import DistributedDataParallel
 
     # The vision encoder sits out its first steps (Trainer.train_step): those params get no grads.
+    # The only buffers are the rotary tables, the same on every rank: nothing to broadcast each step.
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=getattr(model, "vision", None) is not None)
+                                   find_unused_parameters=getattr(model, "vision", None) is not None,
+                                   broadcast_buffers=False)
 
 
 def lay_out(model: MoETransformer, world: World, config: Config, device: torch.device,
