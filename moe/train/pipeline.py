@@ -31,7 +31,6 @@ from torch.distributed.pipelining import (
 
 from ..config import Config
 from ..model import MoETransformer
-from ..model.attention import rope_tables
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
@@ -54,18 +53,18 @@ class Stage(nn.Module):
 
     def __init__(self, model: MoETransformer, layers: range, first: bool, last: bool):
         super().__init__()
-        self.cfg = model.cfg
         self.tok_emb = model.tok_emb if first else None
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
         self.norm, self.lm_head = (model.norm, model.lm_head) if last else (None, None)
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)  # the model's rotary tables, shared
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.router_stats: list[tuple[int, object]] = []  # (layer, RouterStats) of each forward since cleared
 
     def forward(self, x: Tensor, aux: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens (B, T) on the first stage, else (x_BTD, aux); returns (x_BTD or logits_BTV, aux)."""
         if self.tok_emb is not None:
             x, aux = self.tok_emb(x), torch.zeros(2, device=x.device)
-        cfg = self.cfg
-        cos, sin = rope_tables(torch.arange(x.shape[1], device=x.device), cfg.head_dim, cfg.rope_theta, cfg.rope_scale)
+        cos, sin = self.rope_cos[: x.shape[1]], self.rope_sin[: x.shape[1]]
         for layer, block in self.blocks.items():
             x, moe = block(x, cos, sin)
             if moe is not None:
