@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moe import MoE, MoETransformer, SwiGLU, load_config
 from moe.model.attention import apply_rope, one_token_attention, rope_tables
+from moe.model.kv_cache import KVCache
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -212,6 +213,29 @@ def test_training_step_lowers_the_loss(tiny):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
+def test_attention_over_a_kv_cache_keeps_cudnn_out_on_cuda(tiny, device, monkeypatch):
+    """cuDNN's SDPA plans each new shape, and a cache's span grows every decode step: on CUDA the
+    calls over a cache run with cuDNN's backend off. Calls without a cache (training) keep every
+    backend, and so does every call on a CPU (which has no cuDNN attention to avoid)."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["attn_mask"] is not None, torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model, x = MoETransformer(tiny).to(device).eval(), tokens(tiny).to(device)
+    cache = KVCache(tiny, slots=2, device=device)
+    with torch.no_grad():
+        model(x)
+        model(x, cache=cache, decode=True)  # the prefill
+        model(x[:, :1], cache=cache, decode=True)  # one decode step
+    L = tiny.n_layers
+    assert seen == [(False, True)] * L + [(True, device == "cpu")] * 2 * L
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # put back after each call
 
 @pytest.mark.cuda
 @requires_cuda
