@@ -13,6 +13,7 @@ from moe.infer.engine import Engine, Request
 from moe.infer.sampling import (
     ExportedDecodeStep,
     SamplingParams,
+    batch1_decode_step,
     compile_decode_step,
     generate,
 )
@@ -156,6 +157,19 @@ def test_the_exported_step_writes_what_eager_does(model):
     flipped = list(generate(packed, [5, 6, 7], GREEDY, kv_int8=True))
     assert flipped != eager and list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == flipped
 
+
+
+def test_off_a_cpu_batch_one_decoding_takes_torch_compiles_step_not_the_exported_one(model):
+    """AOTInductor's CUDA build of the exported step crashed the process on an H200 (PyTorch 2.11):
+    off a CPU it refuses at once, before exporting anything, and `generate.py --compile` takes
+    torch.compile's step there. (A model on the meta device stands in for one on a GPU.)"""
+    packed = packed_copy(model, torch.float32)
+    assert isinstance(batch1_decode_step(packed), ExportedDecodeStep)
+    off_cpu = packed_copy(model, torch.float32).to("meta")
+    with pytest.raises(ValueError, match="ExportedDecodeStep runs on a CPU, not meta"):
+        ExportedDecodeStep(off_cpu)
+    step = batch1_decode_step(off_cpu)
+    assert not isinstance(step, ExportedDecodeStep) and step._orig_mod is off_cpu  # torch.compile's, lazily
 
 def test_a_compiled_step_checks_several_tokens_at_once(model):
     """As speculative decoding's verification does: 5 tokens, 10 (token, expert) rows, one graph."""

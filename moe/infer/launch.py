@@ -21,7 +21,7 @@ from ..model.tensor_parallel import join_process_group, parallelize
 from ..tokenizer import EOT
 from .engine import Engine
 from .prompts import TextStream, prompt_with_images, read_prompt_file
-from .sampling import ExportedDecodeStep, SamplingParams, compile_decode_step, generate
+from .sampling import SamplingParams, batch1_decode_step, compile_decode_step, generate
 from .speculative import SpeculativeStats, speculative_generate
 
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, model, tokenizer) -> None:
         else:
             decode_step = None
             if args.compile:  # built before the clock starts: the report times generation
-                decode_step = ExportedDecodeStep(model, args.kv_int8)
+                decode_step = batch1_decode_step(model, args.kv_int8)
                 built, started = f", the step compiled in {time.perf_counter() - started:.0f} s", time.perf_counter()
             tokens = generate(model, prompt, params, decode_step, images=images, kv_int8=args.kv_int8)
         stream = TextStream(tokenizer)

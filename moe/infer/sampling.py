@@ -100,6 +100,14 @@ def compile_decode_step(model):
     return torch.compile(model, fullgraph=True, dynamic=False, options={"cpp_wrapper": cpu})
 
 
+def batch1_decode_step(model, kv_int8: bool = False):
+    """The fastest step `generate` can decode one sequence with where the model is: the exported
+    one on a CPU (`ExportedDecodeStep`), torch.compile's elsewhere (`compile_decode_step`)."""
+    if next(model.parameters()).device.type == "cpu":
+        return ExportedDecodeStep(model, kv_int8)
+    return compile_decode_step(model)
+
+
 class ExportedDecodeStep:
     """`generate`'s one-token step for one sequence over the whole context, compiled ahead of time.
 
@@ -120,6 +128,9 @@ class ExportedDecodeStep:
     def __init__(self, model, kv_int8: bool = False):
         self.kv_int8 = kv_int8
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"ExportedDecodeStep runs on a CPU, not {device}: its AOTInductor build for CUDA "
+                             f"crashed the process (PyTorch 2.11, an H200); there use compile_decode_step")
         example = KVCache(model.cfg, slots=1, device=device, dtype=dtype, int8=kv_int8).state()
         tokens = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = _StepOverCache(model, list(example), dtype)
