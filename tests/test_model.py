@@ -214,7 +214,6 @@ def test_training_step_lowers_the_loss(tiny):
     assert losses[-1] < losses[0] - 1.0
 
 
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
 def test_attention_over_a_kv_cache_keeps_cudnn_out_on_cuda(tiny, device, monkeypatch):
     """cuDNN's SDPA plans each new shape, and a cache's span grows every decode step: on CUDA the
@@ -236,6 +235,7 @@ def test_attention_over_a_kv_cache_keeps_cudnn_out_on_cuda(tiny, device, monkeyp
     L = tiny.n_layers
     assert seen == [(False, True)] * L + [(True, device == "cpu")] * 2 * L
     assert torch.backends.cuda.cudnn_sdp_enabled()  # put back after each call
+
 
 @pytest.mark.cuda
 @requires_cuda
