@@ -159,6 +159,29 @@ def test_the_exported_step_writes_what_eager_does(model):
 
 
 
+
+def test_a_fused_loop_reads_its_input_computed_once_not_recomputed_per_output_row():
+    """Inductor fuses what made a matrix loop's input (here an RMSNorm) into the loop unless the
+    input is realized first: in the traced graph the product with W reads x through the realizing
+    prim, and the exported graph still computes what eager does."""
+    torch.manual_seed(0)
+    linear = PackedLinear(nn.Linear(16, 32, bias=False), torch.int8)
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(torch.nn.functional.rms_norm(x, (16,)))
+
+    x = torch.randn(1, 16)
+    program = torch.export.export(Normed(), (x,))
+    product = next(n for n in program.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    x_side = product.args[0].args[0]  # (x realized).unsqueeze(-2) * W
+    assert x_side.target == torch.ops.prims.inductor_force_stride_order.default
+    torch.testing.assert_close(program.module()(x), Normed()(x))
+
 def test_off_a_cpu_batch_one_decoding_takes_torch_compiles_step_not_the_exported_one(model):
     """AOTInductor's CUDA build of the exported step crashed the process on an H200 (PyTorch 2.11):
     off a CPU it refuses at once, before exporting anything, and `generate.py --compile` takes

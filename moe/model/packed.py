@@ -62,8 +62,18 @@ def packed_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None = None) ->
 def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None) -> Tensor:
     """`x @ W.T` as a multiply and a sum, which Inductor compiles into one loop over W; W may be a
     batch of matrices (..., O, Z), one per row of x (the chosen experts)."""
-    y = (x_TZ.float().unsqueeze(-2) * w_OZ.float()).sum(-1)  # (..., O)
+    y = (_realized(x_TZ.float()).unsqueeze(-2) * w_OZ.float()).sum(-1)  # (..., O)
     return (y if scales_O is None else y * scales_O).to(x_TZ.dtype)
+
+
+def _realized(x: Tensor) -> Tensor:
+    """x, computed into a buffer of its own when compiled. Left to itself Inductor fuses whatever
+    made x (an RMSNorm, an embedding lookup) into the matrix loop that reads it, recomputing it
+    for every output row: the head renormalised its input 8192 times a token. Inductor's
+    force_stride_order prim realizes its input (eagerly it returns x): the exported `small` step
+    took 0.430 against 0.473 ms a token in int8, 0.786 against 0.880 in fp32 (12 rounds each in
+    turns, one process), tokens identical. torch.compile and torch.export register the prim."""
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 class PackedLinear(nn.Module):
