@@ -72,7 +72,11 @@ def _realized(x: Tensor) -> Tensor:
     for every output row: the head renormalised its input 8192 times a token. Inductor's
     force_stride_order prim realizes its input (eagerly it returns x): the exported `small` step
     took 0.430 against 0.473 ms a token in int8, 0.786 against 0.880 in fp32 (12 rounds each in
-    turns, one process), tokens identical. torch.compile and torch.export register the prim."""
+    turns, one process), tokens identical. torch.compile and torch.export register the prim.
+    On a CPU only, where it was measured: on a GPU the buffer would cost a kernel launch per
+    matrix, and torch.compile's CUDA step is launch-bound already (unmeasured there)."""
+    if x.device.type != "cpu":
+        return x
     return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
