@@ -118,7 +118,8 @@ class ExportedDecodeStep:
     step on this CPU, fp32 and int8 alike; ~15-30 s to build). The library reads the model's own
     weight tensors (AOTInductor's user-managed constants) rather than a copy compiled into it:
     no second copy in memory (226 MB less for fp32 `small`), a 2 MB package to build, not 116,
-    and changes to the model's weights in place are what the next step computes with. Only what
+    and changes to the model's weights in place are what the next step computes with. On a CPU
+    only: built for CUDA it crashed (`batch1_decode_step` picks the step for a device). Only what
     `generate` needs: batch 1, T = 1, a cache of one slot at `model.cfg.max_seq_len` built as
     `kv_int8` says; it returns the logits, not the routing statistics. The graph also takes the
     greedy choice (`greedy`), so that greedy decoding never reads the logits in Python: its next
