@@ -103,7 +103,7 @@ def compile_decode_step(model):
 def batch1_decode_step(model, kv_int8: bool = False):
     """The fastest step `generate` can decode one sequence with where the model is: the exported
     one on a CPU (`ExportedDecodeStep`), torch.compile's elsewhere (`compile_decode_step`)."""
-    if next(model.parameters()).device.type == "cpu":
+    if ExportedDecodeStep.runs_on(next(model.parameters()).device):
         return ExportedDecodeStep(model, kv_int8)
     return compile_decode_step(model)
 
@@ -126,10 +126,16 @@ class ExportedDecodeStep:
     input is the token the graph picked.
     """
 
+    @staticmethod
+    def runs_on(device: torch.device) -> bool:
+        """Whether the step can be built for this device: a CPU only. Built for CUDA, AOTInductor
+        crashed the process (a segfault; PyTorch 2.11, an H200)."""
+        return device.type == "cpu"
+
     def __init__(self, model, kv_int8: bool = False):
         self.kv_int8 = kv_int8
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-        if device.type != "cpu":
+        if not self.runs_on(device):
             raise ValueError(f"ExportedDecodeStep runs on a CPU, not {device}: its AOTInductor build for CUDA "
                              f"crashed the process (PyTorch 2.11, an H200); there use compile_decode_step")
         example = KVCache(model.cfg, slots=1, device=device, dtype=dtype, int8=kv_int8).state()
