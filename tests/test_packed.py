@@ -17,6 +17,7 @@ from moe.infer.sampling import (
     compile_decode_step,
     generate,
 )
+from moe.model import packed as packed_module
 from moe.model.experts import Experts
 from moe.model.kv_cache import KVCache
 from moe.model.packed import (
@@ -158,12 +159,13 @@ def test_the_exported_step_writes_what_eager_does(model):
     assert flipped != eager and list(generate(packed, [5, 6, 7], GREEDY, step, kv_int8=True)) == flipped
 
 
-
-
-def test_a_fused_loop_reads_its_input_computed_once_not_recomputed_per_output_row():
+@pytest.mark.parametrize("words", [False, True])
+def test_a_fused_loop_reads_its_input_computed_once_not_recomputed_per_output_row(monkeypatch, words):
     """Inductor fuses what made a matrix loop's input (here an RMSNorm) into the loop unless the
     input is realized first: in the traced graph the product with W reads x through the realizing
-    prim, and the exported graph still computes what eager does."""
+    prim (past views of it), and the exported graph still computes what eager does. Weight by
+    weight and four weights to a word (AVX2's int8 loops) alike."""
+    monkeypatch.setattr(packed_module, "INT8_AS_WORDS", words)
     torch.manual_seed(0)
     linear = PackedLinear(nn.Linear(16, 32, bias=False), torch.int8)
 
@@ -178,9 +180,49 @@ def test_a_fused_loop_reads_its_input_computed_once_not_recomputed_per_output_ro
     x = torch.randn(1, 16)
     program = torch.export.export(Normed(), (x,))
     product = next(n for n in program.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
-    x_side = product.args[0].args[0]  # (x realized).unsqueeze(-2) * W
+    x_side = product.args[0]  # e.g. (x realized).unsqueeze(-2) * W
+    while x_side.target in (torch.ops.aten.unsqueeze.default, torch.ops.aten.select.int):
+        x_side = x_side.args[0]
     assert x_side.target == torch.ops.prims.inductor_force_stride_order.default
     torch.testing.assert_close(program.module()(x), Normed()(x))
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512"])
+def test_compiled_int8_loops_read_words_on_avx2_and_compute_what_eager_does(model, monkeypatch, isa):
+    """Where PyTorch's AVX2 integer loads stall, a compiled int8 loop reads its weights four to a
+    32-bit word (a dtype view of the whole matrix, before any expert is picked: never a copy) and
+    unpacks them with shifts; elsewhere weight by weight. Both compute what eager does, and so
+    does a whole compiled step with an int8 cache."""
+    monkeypatch.setattr(packed_module, "INT8_AS_WORDS", isa == "AVX2")
+    torch.manual_seed(0)
+    linear = PackedLinear(nn.Linear(32, 40, bias=False), torch.int8)
+    experts = Experts(4, 32, 24)
+    for w in (experts.w1, experts.w3, experts.w2):
+        nn.init.normal_(w)
+    experts = PackedExperts(experts, torch.int8)
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.experts = linear, experts
+
+        def forward(self, x_TD, chosen_TK):
+            return self.linear(x_TD), self.experts.chosen(x_TD, chosen_TK)
+
+    x, chosen = torch.randn(3, 32), torch.tensor([[0, 2], [3, 1], [2, 2]])
+    program = torch.export.export(Both(), (x, chosen))
+    views = [n for n in program.graph.nodes if n.target == torch.ops.aten.view.dtype]
+    assert len(views) == (6 if isa == "AVX2" else 0)  # int8 -> float32 -> int32 for each of the 3 matrices
+    assert all(n.args[0].op == "placeholder" for n in views if n.args[1] == torch.float32)  # the weights themselves
+    want = (linear(x), torch.stack([torch.stack([experts.expert(int(e), x[t:t + 1])[0] for e in chosen[t]])
+                                    for t in range(3)]))
+    torch._dynamo.reset()
+    for got, expected in zip(torch.compile(Both(), fullgraph=True, dynamic=False)(x, chosen), want):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    packed = packed_copy(model, torch.int8)  # and the int8 cache, dequantized once a step on AVX2
+    eager = list(generate(packed, [5, 6, 7], GREEDY, kv_int8=True))
+    assert list(generate(packed, [5, 6, 7], GREEDY, compile_decode_step(packed), kv_int8=True)) == eager
+
 
 def test_off_a_cpu_batch_one_decoding_takes_torch_compiles_step_not_the_exported_one(model):
     """AOTInductor's CUDA build of the exported step crashed the process on an H200 (PyTorch 2.11):
@@ -193,6 +235,7 @@ def test_off_a_cpu_batch_one_decoding_takes_torch_compiles_step_not_the_exported
         ExportedDecodeStep(off_cpu)
     step = batch1_decode_step(off_cpu)
     assert not isinstance(step, ExportedDecodeStep) and step._orig_mod is off_cpu  # torch.compile's, lazily
+
 
 def test_a_compiled_step_checks_several_tokens_at_once(model):
     """As speculative decoding's verification does: 5 tokens, 10 (token, expert) rows, one graph."""
