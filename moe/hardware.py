@@ -114,10 +114,25 @@ def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, iters:
                 dtype: torch.dtype | None = None) -> float:
     """Measured matmul FLOP/s in `dtype` (default: the device's compute dtype): the roofline the
     others are read against. The fastest of `iters` calls: a peak is what the machine can do, and
-    one quiet call shows it where a neighbour slows the others."""
+    one quiet call shows it where a neighbour slows the others.
+
+    The default size reaches the peak (8192 on CUDA, 2048 on a CPU), unless on a CPU a first small
+    product (512) says one call would take over PROBE_CALL_S: a dtype the CPU emulates (bf16 without
+    avx512_bf16 ran at ~1.4 GFLOP/s on an AVX2 EPYC, 12 s a 2048 call) is timed at the size that
+    fits, as slow at every size (the same 1.4 at 256 and at 512)."""
     dev = torch.device(device)
-    n = n or (8192 if dev.type == "cuda" else 2048)  # large enough to reach the peak on each
     dtype = dtype or compute_dtype(dev)
+    if n is None and dev.type == "cuda":
+        n = 8192
+    elif n is None:
+        n = max(256, min(2048, int((PROBE_CALL_S * _matmul_rate(dev, 512, 1, dtype) / 2) ** (1 / 3))))
+    return _matmul_rate(dev, n, iters, dtype)
+
+
+PROBE_CALL_S = 1.0  # the longest one call of matmul_peak's default-sized product should take
+
+
+def _matmul_rate(dev: torch.device, n: int, iters: int, dtype: torch.dtype) -> float:
     generator = torch.Generator(dev).manual_seed(0)  # leaves the global RNG (training's) alone
     a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)

@@ -211,3 +211,23 @@ def test_cuda_training_runs_in_bf16_and_generates(cache_dir, tmp_path):
     model, _ = ckpt.load_for_inference(tmp_path, "cuda", torch.bfloat16)
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
     assert list(generate(model, [1, 2, 3], greedy)) == generate_uncached(model, [1, 2, 3], greedy)
+
+
+def test_the_cpu_peak_probe_shrinks_for_a_dtype_the_cpu_emulates(monkeypatch):
+    """A 2048 product reaches a CPU's peak, but in an emulated dtype (bf16 on AVX2: ~1.4 GFLOP/s) one
+    call takes seconds: a first 512 product sizes the probe to PROBE_CALL_S a call."""
+    sizes = []
+
+    def rate(dev, n, iters, dtype):
+        sizes.append(n)
+        return {torch.float32: 200e9, torch.bfloat16: 1.4e9}[dtype]
+
+    monkeypatch.setattr(hardware, "_matmul_rate", rate)
+    assert hardware.matmul_peak(CPU, dtype=torch.float32) == 200e9 and sizes == [512, 2048]  # fast: full size
+    sizes.clear()
+    hardware.matmul_peak(CPU, dtype=torch.bfloat16)
+    n = sizes[1]
+    assert sizes[0] == 512 and 2 * n**3 / 1.4e9 <= hardware.PROBE_CALL_S < 2 * (n + 1) ** 3 / 1.4e9
+    sizes.clear()
+    hardware.matmul_peak(CPU, n=64, dtype=torch.bfloat16)  # a size asked for is taken as it is
+    assert sizes == [64]
