@@ -165,7 +165,7 @@ def test_a_fused_loop_reads_its_input_computed_once_not_recomputed_per_output_ro
     input is realized first: in the traced graph the product with W reads x through the realizing
     prim (past views of it), and the exported graph still computes what eager does. Weight by
     weight and four weights to a word (AVX2's int8 loops) alike."""
-    monkeypatch.setattr(packed_module, "INT8_AS_WORDS", words)
+    monkeypatch.setattr(packed_module, "SLOW_INT8_LOADS", words)
     torch.manual_seed(0)
     linear = PackedLinear(nn.Linear(16, 32, bias=False), torch.int8)
 
@@ -193,7 +193,7 @@ def test_compiled_int8_loops_read_words_on_avx2_and_compute_what_eager_does(mode
     32-bit word (a dtype view of the whole matrix, before any expert is picked: never a copy) and
     unpacks them with shifts; elsewhere weight by weight. Both compute what eager does, and so
     does a whole compiled step with an int8 cache."""
-    monkeypatch.setattr(packed_module, "INT8_AS_WORDS", isa == "AVX2")
+    monkeypatch.setattr(packed_module, "SLOW_INT8_LOADS", isa == "AVX2")
     torch.manual_seed(0)
     linear = PackedLinear(nn.Linear(32, 40, bias=False), torch.int8)
     experts = Experts(4, 32, 24)

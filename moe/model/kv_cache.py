@@ -156,6 +156,6 @@ class CacheStep(NamedTuple):
         scales = None if scales_SGX is None else scales_SGX[rows, :, : self.span]
         read = dequantize(values_SGXDh[rows, :, : self.span], scales, self.cache.dtype)
         # Compiled, Inductor dequantizes inside attention's loops, again for each query head of a
-        # key/value head. Where integer loads stall (AVX2, packed.INT8_AS_WORDS) that took the int8
+        # key/value head. Where int8 loads stall (AVX2, packed.SLOW_INT8_LOADS) that took the int8
         # `small` step from 0.79 to 1.66 ms a token: there the step dequantizes once, into a buffer.
-        return realized(read) if scales is not None and packed.INT8_AS_WORDS else read
+        return realized(read) if scales is not None and packed.SLOW_INT8_LOADS else read

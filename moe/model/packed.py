@@ -30,13 +30,14 @@ from .experts import Experts, _expert_rows
 
 FUSED_ROWS = 16  # compiled, up to this many rows a matmul runs as Inductor's fused loop
 PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
-# Compiled int8 loops read their weights four to a 32-bit word on AVX2 CPUs (`_int8_words_product`).
-# There PyTorch's vector load of integers (`Vectorized<int8_t>::loadu(ptr, count)`, vec256_int.h)
-# copies through a stack buffer, a store-forwarding stall every 8 weights: the exported `small`
-# int8 step took 4.99 ms a token, slower than fp32's 1.29. Loaded as float words and unpacked with
-# shifts: 0.66 ms (8 rounds of 128 tokens in turns, one process; the same tokens). AVX-512 loads
-# integers with masked loads, and there the per-weight loop stays (measured at 0.43 ms a token).
-INT8_AS_WORDS = torch.backends.cpu.get_cpu_capability() == "AVX2"
+# Whether compiled code's vector loads of int8 stall on this CPU: on AVX2 PyTorch's vector load of
+# integers (`Vectorized<int8_t>::loadu(ptr, count)`, vec256_int.h) copies through a stack buffer, a
+# store-forwarding stall every 8 values, and the exported `small` int8 step took 4.99 ms a token,
+# slower than fp32's 1.29. There int8 loops read four weights to a 32-bit word loaded as a float
+# (`_int8_words_product`): 0.66 ms (8 rounds of 128 tokens in turns, one process; the same tokens),
+# and the int8 KV cache is dequantized once a step. AVX-512 loads integers with masked loads, and
+# there the per-weight loop stays (measured at 0.43 ms a token).
+SLOW_INT8_LOADS = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def activation_dtype(weights: torch.dtype) -> torch.dtype:
@@ -79,9 +80,9 @@ def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None, chosen: T
 
 
 def int8_as_words(x: Tensor, w_OZ: Tensor) -> bool:
-    """Whether a fused loop reads int8 weights four to a 32-bit word (`_int8_words_product`): on a
-    CPU whose vector ISA is AVX2 (`INT8_AS_WORDS`), for rows of whole words."""
-    return INT8_AS_WORDS and x.device.type == "cpu" and w_OZ.shape[-1] % 4 == 0
+    """Whether a fused loop reads int8 weights four to a 32-bit word (`_int8_words_product`): where
+    int8 loads stall (`SLOW_INT8_LOADS`), for rows of whole words."""
+    return SLOW_INT8_LOADS and x.device.type == "cpu" and w_OZ.shape[-1] % 4 == 0
 
 
 def _int8_words_product(x_TZ: Tensor, w_OZ: Tensor, pick) -> Tensor:
