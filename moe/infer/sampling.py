@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..model import ModelOutput
+from ..model import ModelOutput, packed
 from ..model.kv_cache import KVCache
 
 
@@ -97,7 +97,8 @@ def compile_decode_step(model):
     15 % faster per step at the `small` shape.
     """
     cpu = next(model.parameters()).device.type == "cpu"
-    return torch.compile(model, fullgraph=True, dynamic=False, options={"cpp_wrapper": cpu})
+    options = {"cpp_wrapper": cpu} | packed.compile_options(model)  # int8 weights: packed.py's settings
+    return torch.compile(model, fullgraph=True, dynamic=False, options=options)
 
 
 def batch1_decode_step(model, kv_int8: bool = False):
@@ -151,7 +152,7 @@ class ExportedDecodeStep:
             package = torch._inductor.aoti_compile_and_package(
                 program, package_path=f"{folder}/step.pt2",
                 inductor_configs={"aot_inductor.package_constants_in_so": False,
-                                  "cpp.enable_unsafe_math_opt_flag": True})
+                                  "cpp.enable_unsafe_math_opt_flag": True} | packed.compile_options(model))
             runner = torch._inductor.aoti_load_package(package)
         # The runner keeps pointers to these tensors, not copies: they live as long as this step does.
         self.weights = dict(step.named_parameters()) | dict(step.named_buffers())

@@ -30,13 +30,13 @@ from .experts import Experts, _expert_rows
 
 FUSED_ROWS = 16  # compiled, up to this many rows a matmul runs as Inductor's fused loop
 PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
-# Whether compiled code's vector loads of int8 stall on this CPU: on AVX2 PyTorch's vector load of
-# integers (`Vectorized<int8_t>::loadu(ptr, count)`, vec256_int.h) copies through a stack buffer, a
-# store-forwarding stall every 8 values, and the exported `small` int8 step took 4.99 ms a token,
-# slower than fp32's 1.29. There int8 loops read four weights to a 32-bit word loaded as a float
-# (`_int8_words_product`): 0.66 ms (8 rounds of 128 tokens in turns, one process; the same tokens),
-# and the int8 KV cache is dequantized once a step. AVX-512 loads integers with masked loads, and
-# there the per-weight loop stays (measured at 0.43 ms a token).
+# Whether compiled code's vector loads of integers stall on this CPU: on AVX2 PyTorch's vector load
+# of integers (`Vectorized<int8_t>::loadu(ptr, count)`, vec256_int.h, every width alike) copies
+# through a stack buffer, a store-forwarding stall every 8 values, and the exported `small` int8
+# step took 4.99 ms a token, slower than fp32's 1.29. There compiled int8 loops multiply int16
+# activations by the weights in integers (`_int16_int8_product`), and the int8 KV cache is
+# dequantized once a step. AVX-512 loads integers with masked loads: there the loops stay weight by
+# weight in fp32 (measured at 0.43 ms a token; the integer loop is unmeasured there).
 SLOW_INT8_LOADS = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
@@ -72,28 +72,49 @@ def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None, chosen: T
     W is a stack of matrices (E, O, Z) (and scales (E, O)) of which chosen (...) picks one per row of
     x (the chosen experts): indexed inside the loop, never copied."""
     x, pick = realized(x_TZ.float()), (lambda t: t if chosen is None else t[chosen])
-    if w_OZ.dtype == torch.int8 and int8_as_words(x, w_OZ):
-        y = _int8_words_product(x, w_OZ, pick)
+    if w_OZ.dtype == torch.int8 and SLOW_INT8_LOADS and x.device.type == "cpu":
+        y = _int16_int8_product(x, w_OZ, pick)
     else:
         y = (x.unsqueeze(-2) * pick(w_OZ).float()).sum(-1)  # (..., O)
     return (y if scales_O is None else y * pick(scales_O)).to(x_TZ.dtype)
 
 
-def int8_as_words(x: Tensor, w_OZ: Tensor) -> bool:
-    """Whether a fused loop reads int8 weights four to a 32-bit word (`_int8_words_product`): where
-    int8 loads stall (`SLOW_INT8_LOADS`), for rows of whole words."""
-    return SLOW_INT8_LOADS and x.device.type == "cpu" and w_OZ.shape[-1] % 4 == 0
+def _int16_int8_product(x_TZ: Tensor, w_OZ: Tensor, pick) -> Tensor:
+    """`x @ W.T` (..., O) for int8 W in integers: each row of x quantized to int16 (its max |x| to
+    `top`, within 1/65534 of it), the products summed in int32, one float conversion a row.
+
+    Inductor does not vectorize a loop over int16, and leaves it to the C++ compiler, whose loop
+    vectorizer (with `compile_options`) turns the sum into multiply-adds of 16-bit pairs (vpmaddwd:
+    16 weights an instruction, where the fp32 loop converts, multiplies and adds 8). On this AVX2
+    CPU the exported `small` int8 step took 0.41 against 0.59 ms a token reading four weights to a
+    32-bit word in fp32 (8 rounds of 128 tokens in turns, one process), greedy tokens identical.
+    `top` keeps the int32 sum from overflowing: |sum| <= 127 * top * Z < 2^31. The result is
+    realized: left as a conversion and a multiply, Inductor recomputed it in every loop that read
+    it (attention re-read K per query head: 2.4 ms a token)."""
+    top = min(32767, (2**31 - 1) // (127 * x_TZ.shape[-1]))
+    scale = x_TZ.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / top
+    xq = realized((x_TZ / scale).round().to(torch.int16)).unsqueeze(-2)  # (..., 1, Z)
+    sums = (xq.to(torch.int32) * pick(w_OZ).to(torch.int32)).sum(-1, dtype=torch.int32)  # (..., O)
+    return realized(sums.float() * scale)
 
 
-def _int8_words_product(x_TZ: Tensor, w_OZ: Tensor, pick) -> Tensor:
-    """`x @ W.T` (..., O) for int8 W read as (..., O, Z/4) words of four weights: each word is loaded
-    as a float (a plain vector load), reinterpreted as int32, and weight 4j + b is byte b of word j
-    (little-endian), sign-extended by two shifts. x is laid out to match, x4[b, j] = x[4j + b]."""
-    words = pick(w_OZ.view(torch.float32)).view(torch.int32)  # viewed before indexing: no copy
-    x4 = x_TZ.unflatten(-1, (-1, 4)).transpose(-1, -2).contiguous()  # (..., 4, Z/4)
-    x4 = realized(x4).unsqueeze(-3)  # (..., 1, 4, Z/4)
-    terms = [x4[..., b, :] * ((words << (24 - 8 * b)) >> 24).float() for b in range(4)]  # (..., O, Z/4) each
-    return (terms[0] + terms[1] + terms[2] + terms[3]).sum(-1)
+def compile_options(model: nn.Module) -> dict:
+    """Inductor settings a compiled step of `model` needs: for int8 weights where the loops multiply
+    in integers (`_int16_int8_product`), GCC's loop vectorizer, which Inductor switches off
+    (`-fno-tree-loop-vectorize`: it vectorizes its loops itself, but not int16 ones), and no bounds
+    checks on indices inside loops (AOTInductor's kept GCC from vectorizing the experts' loops: 2.2
+    ms a token). Inductor has no setting for compiler flags; its `cpp.march` value is passed to the
+    compiler word by word after its own flags, so the flag rides on it. The indices a decode step
+    reads are its own (top-k experts, argmax tokens, cache positions), and the same model's eager
+    prefill has checked the prompt's. Clang vectorizes loops unasked."""
+    if not SLOW_INT8_LOADS or not any(b.dtype == torch.int8 and b.device.type == "cpu" for b in model.buffers()):
+        return {}
+    from torch._inductor import cpp_builder
+
+    options = {"assert_indirect_indexing": False}
+    if cpp_builder.is_gcc():
+        options["cpp.march"] = f"{torch._inductor.config.cpp.march or 'native'} -ftree-loop-vectorize"
+    return options
 
 
 def realized(x: Tensor) -> Tensor:
