@@ -334,3 +334,18 @@ def test_generate_and_bench_take_int8(tiny_run, tmp_path, entry_point):
     assert "int8 weights, float32 activations" in proc.stdout
     bad = entry_point("bench.py", "quality", "--checkpoint", str(tiny_run), "--dtype", "int4")
     assert bad.returncode == 2 and "unknown dtype 'int4'" in bad.stderr
+
+
+def test_quality_measures_the_compiled_step_token_by_token(model):
+    """`bench.py quality --compile`: the compiled batch-1 step, fed a sequence one token at a time,
+    predicts fp32's greedy continuation as eager fp32 does (all of it), and a continuation it did
+    not write only where it happens to agree."""
+    from moe.bench.benchmarks import _stepwise_agreement
+
+    fp32 = packed_copy(model, torch.float32)
+    step = batch1_decode_step(fp32)
+    prompts = [[5, 6, 7], [9, 10]]
+    sequences = [p + list(generate(fp32, p, SamplingParams(max_new_tokens=12, temperature=0))) for p in prompts]
+    assert _stepwise_agreement(fp32, step, False, prompts, sequences) == 1
+    shuffled = [p + [(t * 7 + 1) % model.cfg.vocab_size for t in s[len(p):]] for p, s in zip(prompts, sequences)]
+    assert _stepwise_agreement(fp32, step, False, prompts, shuffled) < 0.5

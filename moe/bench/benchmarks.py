@@ -28,7 +28,12 @@ from ..hardware import (
 )
 from ..hf import to_hf_config, transformers_module
 from ..infer.engine import Engine, Request
-from ..infer.sampling import SamplingParams, generate, generate_uncached
+from ..infer.sampling import (
+    SamplingParams,
+    batch1_decode_step,
+    generate,
+    generate_uncached,
+)
 from ..infer.speculative import (
     LockstepStats,
     lockstep_capacity,
@@ -294,14 +299,17 @@ def batching(model, n_requests: int = 64, slots: int = 8, seed: int = 0, kv_int8
 
 @torch.no_grad()
 def quality(models: dict, variants: list[tuple[str, bool]], prompts: list[list[int]], new_tokens: int,
-            batches: list) -> dict:
+            batches: list, compiled: bool = False) -> dict:
     """Each (weights, int8 KV cache) variant against fp32 weights and cache: the share of fp32's
     greedy tokens that are its own top-1 choice, and its validation loss.
 
     Agreement is teacher-forced: fp32 writes `new_tokens` greedy tokens after each prompt, and each
     variant, fed the prompt and those tokens in one cached forward (so an int8 cache is read as it
     is written), is asked at every position whether its argmax is fp32's next token. One early
-    disagreement then costs one position, not the rest of the sequence.
+    disagreement then costs one position, not the rest of the sequence. With `compiled`, also the
+    agreement of the compiled batch-1 step `generate --compile` decodes with (`batch1_decode_step`),
+    fed the same tokens one step at a time: it computes differently (fused loops; on AVX2 int8
+    weights meet int16 activations, `packed._int16_int8_product`).
     """
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     sequences = [prompt + list(generate(models["fp32"], prompt, greedy)) for prompt in prompts]
@@ -326,10 +334,30 @@ def quality(models: dict, variants: list[tuple[str, bool]], prompts: list[list[i
             loss, weight = loss + out.ce_loss.item() * counted, weight + counted
         rows.append({"weights": dtype, "kv_cache": "int8" if kv_int8 else dtype_name(act),
                      "top1_agreement": agree / total, "tokens": total, "val_loss": loss / weight})
+        if compiled:
+            step = batch1_decode_step(model, kv_int8)
+            rows[-1]["top1_compiled"] = _stepwise_agreement(model, step, kv_int8, prompts, sequences)
     reference = rows[0]["val_loss"]
     for row in rows:
         row["val_loss_change"] = row["val_loss"] / reference - 1
     return {"benchmark": "quality", "rows": rows}
+
+
+@torch.no_grad()
+def _stepwise_agreement(model, step, kv_int8: bool, prompts: list[list[int]], sequences: list[list[int]]) -> float:
+    """The share of each sequence's continuation that `step` (model's compiled batch-1 step) predicts,
+    fed the sequence one token at a time after an eager prefill of its prompt (which predicts the first)."""
+    device, act = next(model.parameters()).device, next(model.parameters()).dtype
+    agree = total = 0
+    for prompt, seq in zip(prompts, sequences):
+        cache = KVCache(model.cfg, 1, device=device, dtype=act, int8=kv_int8)  # the step's: the whole context
+        predicted = [int(model(torch.tensor([prompt], device=device), cache=cache, decode=True).logits[0, -1].argmax())]
+        for token in seq[len(prompt):-1]:
+            logits = step(torch.tensor([[token]], device=device), cache=cache, decode=True).logits
+            predicted.append(int(logits[0, -1].argmax()))
+        agree += sum(p == t for p, t in zip(predicted, seq[len(prompt):]))
+        total += len(seq) - len(prompt)
+    return agree / total
 
 
 # ---- decode across batch sizes, and the experts each step touches ----------------------------

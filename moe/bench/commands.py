@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=125, help="greedy tokens per prompt (default 125)")
     p.add_argument("--val-batches", type=positive_int, default=8,
                    help="validation batches of train.micro_batch_size sequences for the loss (default 8)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the top-1 agreement of the compiled batch-1 step `generate.py --compile` decodes with "
+                        "(fed the same tokens one at a time; ~30 s to build each)")
     commands["quality"] = p
 
     p = add("costmodel", "the analytic cost model (no measurement): parameters, FLOPs, bytes, KV cache, "
@@ -399,12 +402,13 @@ def quality(args, cfg: ModelConfig) -> dict:
     variants = [(d, False) for d in ("fp32", *args.dtype)] + [(d, True) for d in ("fp32", *args.dtype) if args.kv_int8]
     models = {dtype: load_for_inference(args.checkpoint, args.device, hardware.inference_dtype(dtype, args.device),
                                         packed=True)[0] for dtype, _ in dict.fromkeys(variants)}
-    result = benchmarks.quality(models, list(dict.fromkeys(variants)), prompts, args.new_tokens, batches)
+    result = benchmarks.quality(models, list(dict.fromkeys(variants)), prompts, args.new_tokens, batches, args.compile)
     print(f"{args.checkpoint}: against fp32's greedy tokens ({len(prompts)} validation prompts x {args.new_tokens}, "
           f"each position fed fp32's tokens so far) and validation loss ({args.val_batches} x {n} x {seq_len} tokens)")
     print_table(result["rows"], [("weights", "weights", "s"), ("kv_cache", "KV cache", "s"),
-                                 ("top1_agreement", "top-1 agreement", ".2%"), ("val_loss", "val loss", ".4f"),
-                                 ("val_loss_change", "change", "+.2%")])
+                                 ("top1_agreement", "top-1 agreement", ".2%"),
+                                 *([("top1_compiled", "compiled", ".2%")] if args.compile else []),
+                                 ("val_loss", "val loss", ".4f"), ("val_loss_change", "change", "+.2%")])
     return result
 
 
