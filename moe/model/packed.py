@@ -81,7 +81,7 @@ def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None, chosen: T
 
 def _int16_int8_product(x_TZ: Tensor, w_OZ: Tensor, pick) -> Tensor:
     """`x @ W.T` (..., O) for int8 W in integers: each row of x quantized to int16 (its max |x| to
-    `top`, within 1/65534 of it), the products summed in int32, one float conversion a row.
+    `top`, within 1/65534 of it), the products summed in int32, one float conversion an output.
 
     Inductor does not vectorize a loop over int16, and leaves it to the C++ compiler, whose loop
     vectorizer (with `compile_options`) turns the sum into multiply-adds of 16-bit pairs (vpmaddwd:
