@@ -58,7 +58,11 @@ def test_int8_is_per_output_channel_and_within_half_a_step():
 def test_packing_swaps_every_linear_but_the_routers(model):
     pack_for_inference(model, torch.int8)
     kinds = {name: type(m) for name, m in model.named_modules()}
-    assert kinds["lm_head"] is PackedLinear and kinds["blocks.0.attn.wq"] is PackedLinear
+    assert kinds["lm_head"] is PackedLinear and kinds["blocks.0.attn.wqkv"] is PackedLinear
+    assert "blocks.0.attn.wq" not in kinds  # q, k and v: one matrix, its rows theirs
+    attn = model.blocks[0].attn
+    assert attn.wqkv.weight.shape == ((model.cfg.n_heads + 2 * model.cfg.n_kv_heads) * model.cfg.head_dim,
+                                      model.cfg.d_model)
     assert kinds["blocks.0.ffn.experts"] is PackedExperts and kinds["blocks.0.ffn.router"] is nn.Linear
     assert model.lm_head.weight.dtype == torch.int8 and model.blocks[0].ffn.router.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="packed weights in torch.float16: expected one of"):

@@ -53,12 +53,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.wqkv = None  # wq, wk and wv as one matrix, once packed for inference (`packed.pack_for_inference`)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv: CacheStep | None = None) -> Tensor:
         """cos, sin: (T, Dh), or (B, 1, T, Dh) when rows sit at different positions (a cache)."""
-        q = rearrange(self.wq(x_BTD), "b t (h d) -> b h t d", h=self.n_heads)
-        k = rearrange(self.wk(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
-        v = rearrange(self.wv(x_BTD), "b t (g d) -> b g t d", g=self.n_kv_heads)
+        q, k, v = self.qkv(x_BTD)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)
+        k = rearrange(k, "b t (g d) -> b g t d", g=self.n_kv_heads)
+        v = rearrange(v, "b t (g d) -> b g t d", g=self.n_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         mask = None
@@ -74,6 +76,28 @@ class Attention(nn.Module):
                     y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                                                        is_causal=mask is None, enable_gqa=gqa)
         return self.wo(rearrange(y.to(q.dtype), "b h t d -> b t (h d)"))
+
+
+    def fuse_qkv(self) -> None:
+        """Replace wq, wk and wv by one `nn.Linear`, wqkv, whose rows are theirs: one matrix product
+        for the three, so a compiled decode step reads (on AVX2 quantizes) its input once and runs
+        one loop, not three. For inference (`packed.pack_for_inference`): checkpoints and training
+        keep the three. Done once; again it does nothing."""
+        if self.wqkv is not None:
+            return
+        weights = [m.weight.detach() for m in (self.wq, self.wk, self.wv)]
+        self.wqkv = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
+                              device=weights[0].device, dtype=weights[0].dtype)
+        self.wqkv.weight.data = torch.cat(weights)
+        del self.wq, self.wk, self.wv
+
+    def qkv(self, x_BTD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x's queries, keys and values, (B, T, H Dh), (B, T, G Dh) twice: one matrix product once
+        packing has fused the three matrices, three before."""
+        if self.wqkv is None:
+            return self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        kv_width = self.n_kv_heads * self.head_dim
+        return self.wqkv(x_BTD).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
 
 
 def sdpa_backends(q: Tensor, mask: Tensor | None) -> contextlib.AbstractContextManager:

@@ -196,9 +196,16 @@ class PackedExperts(nn.Module):
 
 def pack_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Swap, in place, every `nn.Linear` but the routers (which stay fp32: routing is brittle) and
-    every `Experts` of `model` for their packed forms in `dtype` (fp32, bf16 or int8)."""
+    every `Experts` of `model` for their packed forms in `dtype` (fp32, bf16 or int8), attention's
+    wq, wk and wv fused into one first."""
     if dtype not in PACKED_DTYPES:
         raise ValueError(f"packed weights in {dtype}: expected one of {', '.join(map(str, PACKED_DTYPES))}")
+    # imported here: attention imports the KV cache, which imports this module
+    from .attention import Attention
+
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            module.fuse_qkv()  # one matrix for q, k and v: packed below like any other
     for name, module in list(model.named_modules()):
         if isinstance(module, Experts):
             packed = PackedExperts(module, dtype)
