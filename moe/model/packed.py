@@ -200,12 +200,9 @@ def pack_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     wq, wk and wv fused into one first."""
     if dtype not in PACKED_DTYPES:
         raise ValueError(f"packed weights in {dtype}: expected one of {', '.join(map(str, PACKED_DTYPES))}")
-    # imported here: attention imports the KV cache, which imports this module
-    from .attention import Attention
-
     for module in list(model.modules()):
-        if isinstance(module, Attention):
-            module.fuse_qkv()  # one matrix for q, k and v: packed below like any other
+        if hasattr(module, "fuse_qkv"):  # attention: q, k and v into one matrix, packed below like any other
+            module.fuse_qkv()
     for name, module in list(model.named_modules()):
         if isinstance(module, Experts):
             packed = PackedExperts(module, dtype)
