@@ -77,7 +77,6 @@ class Attention(nn.Module):
                                                        is_causal=mask is None, enable_gqa=gqa)
         return self.wo(rearrange(y.to(q.dtype), "b h t d -> b t (h d)"))
 
-
     def fuse_qkv(self) -> None:
         """Replace wq, wk and wv by one `nn.Linear`, wqkv, whose rows are theirs: one matrix product
         for the three, so a compiled decode step reads (on AVX2 quantizes) its input once and runs
