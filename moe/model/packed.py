@@ -72,11 +72,17 @@ def _fused_linear(x_TZ: Tensor, w_OZ: Tensor, scales_O: Tensor | None, chosen: T
     W is a stack of matrices (E, O, Z) (and scales (E, O)) of which chosen (...) picks one per row of
     x (the chosen experts): indexed inside the loop, never copied."""
     x, pick = realized(x_TZ.float()), (lambda t: t if chosen is None else t[chosen])
-    if w_OZ.dtype == torch.int8 and SLOW_INT8_LOADS and x.device.type == "cpu":
+    if multiplies_in_integers(w_OZ):
         y = _int16_int8_product(x, w_OZ, pick)
     else:
         y = (x.unsqueeze(-2) * pick(w_OZ).float()).sum(-1)  # (..., O)
     return (y if scales_O is None else y * pick(scales_O)).to(x_TZ.dtype)
+
+
+def multiplies_in_integers(w: Tensor) -> bool:
+    """Whether compiled loops over weights w multiply in integers (`_int16_int8_product`): int8
+    weights on a CPU whose integer loads stall (`SLOW_INT8_LOADS`)."""
+    return SLOW_INT8_LOADS and w.dtype == torch.int8 and w.device.type == "cpu"
 
 
 def _int16_int8_product(x_TZ: Tensor, w_OZ: Tensor, pick) -> Tensor:
@@ -107,8 +113,9 @@ def compile_options(model: nn.Module) -> dict:
     compiler word by word after its own flags, so the flag rides on it. The indices a decode step
     reads are its own (top-k experts, argmax tokens, cache positions), and the same model's eager
     prefill has checked the prompt's. Clang vectorizes loops unasked."""
-    if not SLOW_INT8_LOADS or not any(b.dtype == torch.int8 and b.device.type == "cpu" for b in model.buffers()):
+    if not any(multiplies_in_integers(b) for b in model.buffers()):
         return {}
+    # imported here: importing Inductor takes 2.5 s, wanted only when compiling
     from torch._inductor import cpp_builder
 
     options = {"assert_indirect_indexing": False}
